@@ -1,0 +1,158 @@
+"""Device-resident loaders: uint8 data lives on the device, batches are gathered and augmented there.
+
+All training randomness is a pure function of (seed, epoch, step, rank): the epoch permutation comes
+from a generator seeded by hash(seed, epoch), each batch's augmentation from one seeded by
+hash(seed, epoch, step, rank). A run resumed at any step therefore sees bit-identical batches without
+saving any RNG state.
+"""
+import hashlib
+import math
+
+import torch
+
+from engine.errors import UserError
+
+from .augment import copies, make_augment
+from .cifar import MEAN, STD
+
+
+def derive_seed(*parts):
+    """A 63-bit seed from a tuple of tags and ints; hashing keeps nearby tuples' streams unrelated."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def subset(images, labels, limit):
+    """The first `limit` samples (all when limit is None)."""
+    if limit is None:
+        return images, labels
+    if not 0 < limit <= len(labels):
+        raise UserError(f"sample limit {limit} is out of range; set --train-limit / --test-limit to "
+                        f"1..{len(labels)}, or leave it unset for all")
+    return images[:limit], labels[:limit]
+
+
+def _check_data(images, labels, rank, world_size):
+    if images.dtype != torch.uint8 or images.dim() != 4 or len(images) != len(labels):
+        raise ValueError(f"expected uint8 images [N,C,H,W] and N labels, got {images.dtype} "
+                         f"{tuple(images.shape)} and {tuple(labels.shape)}")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world size {world_size}")
+
+
+def _check_batch_size(batch_size):
+    if batch_size <= 0:
+        raise UserError(f"batch size must be at least 1, got {batch_size}; pass a positive --batch-size")
+
+
+class _Normalise:
+    """uint8 -> float in [0,1] -> (x - MEAN) / STD, with the constants made on the device once."""
+
+    def __init__(self, device, memory_format):
+        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
+        self.memory_format = memory_format
+
+    @staticmethod
+    def unit(images_u8):
+        return images_u8.float().div_(255)
+
+    def __call__(self, x):
+        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+
+
+class TrainLoader:
+    """Shuffled, augmented training batches (x float32 normalised [B,3,H,W], y int64), on `device`.
+
+    An epoch is `copies(aug)` copies of the data, shuffled together; sample t of the epoch space is
+    image t % N in copy t // N. Each rank takes perm[rank::world_size], cut to equal lengths.
+    Call set_epoch(e) before iterating; iterate(start_step) resumes mid-epoch.
+    """
+
+    def __init__(self, images_u8, labels, batch_size, aug="seed", seed=0, device="cpu", rank=0,
+                 world_size=1, drop_last=False, memory_format=torch.contiguous_format):
+        _check_batch_size(batch_size)
+        _check_data(images_u8, labels, rank, world_size)
+        self.copies = copies(aug)
+        self.device = torch.device(device)
+        self.images = images_u8.to(self.device)
+        self.labels = labels.to(self.device, torch.int64)
+        self.n = len(labels)
+        # int() so a numpy or tensor seed hashes like the plain int it stands for.
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, int(seed), rank, world_size
+        self.drop_last = drop_last
+        self.per_rank = self.copies * self.n // world_size
+        if self.per_rank == 0:
+            raise UserError(f"{self.n} training samples cannot be split over {world_size} ranks; "
+                            f"raise --train-limit or use fewer ranks")
+        self._augment = make_augment(aug, self.device)
+        self._normalise = _Normalise(self.device, memory_format)
+        self._gen = torch.Generator(device=self.device)
+        self.epoch, self._shard = 0, None
+
+    def __len__(self):
+        div = self.per_rank // self.batch_size
+        return div if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+
+    def set_epoch(self, epoch):
+        if int(epoch) != self.epoch:
+            self.epoch, self._shard = int(epoch), None
+
+    def indices(self):
+        """This rank's epoch-space indices for the current epoch, in batch order ([per_rank], on device)."""
+        if self._shard is None:
+            # The permutation is drawn on the CPU so every rank gets the same one whatever its device.
+            gen = torch.Generator().manual_seed(derive_seed("perm", self.seed, self.epoch))
+            perm = torch.randperm(self.copies * self.n, generator=gen)
+            shard = perm[self.rank:self.per_rank * self.world_size:self.world_size]
+            self._shard = shard.to(self.device)
+        return self._shard
+
+    def iterate(self, start_step=0):
+        """Batches of the current epoch from `start_step` on; equal to the tail of a full pass."""
+        if not 0 <= start_step <= len(self):
+            raise UserError(f"cannot resume at step {start_step}: an epoch has {len(self)} steps; "
+                            f"the checkpoint does not match this batch size / data / world size")
+        return self._batches(start_step)
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def _batches(self, start_step):
+        shard, bs = self.indices(), self.batch_size
+        for step in range(start_step, len(self)):
+            yield self._batch(shard[step * bs:(step + 1) * bs], step)
+
+    def _batch(self, idx, step):
+        # manual_seed only resets the generator's state, so this never waits for the device.
+        self._gen.manual_seed(derive_seed("aug", self.seed, self.epoch, step, self.rank))
+        src = torch.remainder(idx, self.n)
+        copy_id = torch.div(idx, self.n, rounding_mode="floor")
+        x = self._normalise.unit(self.images.index_select(0, src))
+        x = self._augment(x, copy_id, self._gen)
+        return self._normalise(x), self.labels.index_select(0, src)
+
+
+class EvalLoader:
+    """In-order batches with normalisation only. With several ranks each gets a contiguous slice
+    [start, stop), so every image is evaluated exactly once in total (slices may differ by one)."""
+
+    def __init__(self, images_u8, labels, batch_size, device="cpu", rank=0, world_size=1,
+                 memory_format=torch.contiguous_format):
+        _check_batch_size(batch_size)
+        _check_data(images_u8, labels, rank, world_size)
+        n = len(labels)
+        self.start, self.stop = n * rank // world_size, n * (rank + 1) // world_size
+        self.device = torch.device(device)
+        self.images = images_u8[self.start:self.stop].to(self.device)
+        self.labels = labels[self.start:self.stop].to(self.device, torch.int64)
+        self.batch_size = batch_size
+        self._normalise = _Normalise(self.device, memory_format)
+
+    def __len__(self):
+        return math.ceil((self.stop - self.start) / self.batch_size)
+
+    def __iter__(self):
+        for i in range(0, self.stop - self.start, self.batch_size):
+            x = _Normalise.unit(self.images[i:i + self.batch_size])
+            yield self._normalise(x), self.labels[i:i + self.batch_size]

@@ -1,0 +1,70 @@
+"""The fast path per device: autocast dtype, memory format, torch.compile, optimizer kernels.
+
+Each speed-up has a flag; `None` means "pick the fastest for this device".
+"""
+import contextlib
+
+import torch
+
+from .errors import UserError
+
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve(args, device):
+    """Fill in the automatic choices of args (amp, channels_last, compile, fused) for `device`."""
+    cuda = device.type == "cuda"
+    if args.amp is None:
+        # bf16 needs no loss scaling and halves activation traffic; on CPUs autocast mostly slows.
+        args.amp = "bf16" if cuda else "off"
+    if args.amp not in ("bf16", "fp16", "off"):
+        raise UserError(f"unknown --amp {args.amp!r}; use bf16, fp16 or off")
+    if args.amp == "fp16" and not cuda:
+        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+    if args.channels_last is None:
+        # NHWC suits this network's depthwise and 1x1 convs on both cuDNN and oneDNN (measured
+        # 1.4x on CPU for a narrow ex train step; see bench/step.py).
+        args.channels_last = True
+    if args.compile is None:
+        # Compiling fuses the BN/Swish/SE elementwise chains that dominate this network's step;
+        # on CPUs the compile time outweighs the gain for the short runs people do there.
+        args.compile = cuda
+    if args.fused_optimizer is None:
+        args.fused_optimizer = cuda
+    if cuda:
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return args
+
+
+def memory_format(args):
+    return torch.channels_last if args.channels_last else torch.contiguous_format
+
+
+def autocast(args, device):
+    if args.amp == "off":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[args.amp])
+
+
+def make_optimizer(params, args, lr):
+    kw = dict(lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=False)
+    if args.fused_optimizer:
+        try:
+            return torch.optim.SGD(params, fused=True, **kw)
+        except (RuntimeError, TypeError):
+            pass
+    return torch.optim.SGD(params, foreach=True, **kw)
+
+
+def try_compile(module, probe, log):
+    """torch.compile `module`, proven on one probe call; on any failure, the eager module."""
+    try:
+        compiled = torch.compile(module)
+        probe(compiled)
+        return compiled
+    except Exception as e:  # compile back-ends fail in many ways (no compiler, no triton, ...)
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        log(f"torch.compile is unavailable here ({type(e).__name__}: {first[:120]}); training eager")
+        return module

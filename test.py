@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint on the CIFAR-100 test set with hard labels.
+
+    python test.py --model efficientnet_ex --model-state-file RUN/model_best.pytar --data_dir D
+
+Accepts the original entry's bare state_dicts (model_state_*.pytar), and our model_best.pytar and
+last.pytar. Prints loss, top-1, top-5, the correct count and whether the MicroNet 80% bar is met.
+"""
+import argparse
+import json
+import sys
+
+import torch
+
+import data
+import models
+from engine import checkpoint, speed
+from engine.cli import add_data_args, add_model_args, positive_float, positive_int
+from engine.distributed import pick_device
+from engine.errors import UserError, run_main
+from engine.evaluate import evaluate
+from loss import make_criterion
+
+CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--model-state-file", required=True, help="checkpoint to evaluate")
+    p.add_argument("--batch-size", type=positive_int, default=1000)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"),
+                   help="autocast dtype (default bf16 on CUDA, off on CPU, as in training)")
+    p.add_argument("--s", type=positive_float, default=5.0, help="AM-softmax scale for the loss")
+    p.add_argument("--tta", action="store_true", help="average the predictions of x and its mirror")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    return p
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    device = pick_device(args.device)
+    args.channels_last, args.compile, args.fused_optimizer = None, False, None
+    speed.resolve(args, device)
+    model = models.create(args.model, coslinear=args.coslinear, width_mult=args.width_mult,
+                          depth_mult=args.depth_mult)
+    meta = checkpoint.load_weights(model, args.model_state_file)
+    model.to(device=device, memory_format=speed.memory_format(args))
+    images, labels = data.load_cifar100(args.data_dir, train=False, download=not args.no_download)
+    images, labels = data.subset(images, labels, args.test_limit)
+    loader = data.EvalLoader(images, labels, args.batch_size, device=device,
+                             memory_format=speed.memory_format(args))
+    criterion = make_criterion(args.coslinear, args.s)
+    r = evaluate(model, loader, criterion, speed.autocast(args, device), tta=args.tta)
+    r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta,
+             reached_80=r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR)
+    trained = meta.get("epoch")
+    print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
+    print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
+          f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
+    if r["total"] == 10000:
+        verdict = "meets" if r["reached_80"] else "misses"
+        print(f"MicroNet CIFAR-100 bar (80% top-1): {verdict} it")
+    else:
+        print(f"MicroNet CIFAR-100 bar (80% top-1): not judged on a {r['total']}-image subset")
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(r, f, indent=2)
+        except OSError as e:
+            raise UserError(f"cannot write --json {args.json}: {e.strerror}") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

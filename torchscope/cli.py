@@ -1,0 +1,166 @@
+"""The command line behind `python torchscope/count.py`: parameters, FLOPs, Madds, memory and the
+MicroNet score of a model.
+
+    python torchscope/count.py                                   # ex, seed rules, mul_factor 0.5
+    python torchscope/count.py --mul-factor 1
+    python torchscope/count.py --rules micronet --model-state-file model_state_ex.pytar
+    python torchscope/count.py --model efficientnet_b3 --per-layer --json b3.json
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+
+import models
+import torchscope
+from engine.cli import add_model_args
+from engine.errors import UserError, run_main
+from torchscope import text
+
+# The seed README's scores for efficientnet_ex (SPEC §5), shown next to ours when they apply.
+SEED_SCORES = ("0.074762", "0.12541")
+
+
+def mul_factor(v):
+    try:
+        x = float(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}") from None
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.5: multiplies count half, 1: full), got {v}")
+    return x
+
+
+def dimension(v):
+    try:
+        n = int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
+    return n
+
+
+def build_parser():
+    p = argparse.ArgumentParser(
+        prog="count.py",
+        description="Count parameters, FLOPs, Madds, memory and the MicroNet score of a model "
+                    "(per sample, one random batch of 2).")
+    add_model_args(p)
+    p.add_argument("--mul-factor", type=mul_factor, default=0.5, metavar="F",
+                   help="weight of a multiply in Madds, 0 < F <= 1 (default 0.5, the fp16 freebie)")
+    p.add_argument("--input-size", type=dimension, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+                   help="one sample's shape (default 3 32 32)")
+    p.add_argument("--rules", choices=sorted(torchscope.RULESETS), default="seed",
+                   help="seed: the original count.py's formulas (default); micronet: the challenge's "
+                        "counting (separate mults/adds, BN folded, sparsity credited)")
+    p.add_argument("--model-state-file", default=None, metavar="PATH",
+                   help="load these weights first (exact zeros count as sparse under --rules micronet)")
+    p.add_argument("--per-layer", action="store_true", help="print one row per module")
+    p.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
+    return p
+
+
+def parse_args(argv):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    c, h, w = args.input_size
+    if c != 3:
+        parser.error(f"argument --input-size: the models take 3 (RGB) channels, got {c}")
+    if h != w:
+        parser.error(f"argument --input-size: the models take square inputs, got {h}x{w}")
+    if h % 4:
+        parser.error(f"argument --input-size: H and W must be multiples of 4 (two stride-2 stages), got {h}")
+    return args
+
+
+def build_model(args):
+    try:
+        return models.create(args.model, coslinear=args.coslinear, width_mult=args.width_mult,
+                             depth_mult=args.depth_mult, input_size=args.input_size[1])
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def run_count(model, args):
+    try:
+        return torchscope.count(model, input_size=tuple(args.input_size), mul_factor=args.mul_factor,
+                                rules=args.rules)
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot count {args.model} on input {'x'.join(map(str, args.input_size))}: "
+                        f"{first[:200]}") from None
+
+
+def is_seed_setting(args):
+    return (args.model == "efficientnet_ex" and args.coslinear and args.width_mult is None
+            and args.depth_mult is None and list(args.input_size) == [3, 32, 32])
+
+
+def write_json(path, payload):
+    try:
+        folder = os.path.dirname(os.path.abspath(path))
+        os.makedirs(folder, exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2)
+            f.write("\n")
+    except OSError as e:
+        raise UserError(f"cannot write --json {path}: {e.strerror or e}") from None
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = build_model(args)
+    state_info = None
+    if args.model_state_file:
+        from engine.checkpoint import load_weights
+        load_weights(model, args.model_state_file)
+        state_info = args.model_state_file
+    report = run_count(model, args)
+
+    desc = models.describe(model)
+    print(f"Model: {args.model} (width {desc['width_mult']:g}, depth {desc['depth_mult']:g}, "
+          f"{'cosine' if desc['coslinear'] else 'plain'} head), input {'x'.join(map(str, args.input_size))}, "
+          f"weights: {state_info or 'random init'}, rules: {args.rules}; figures per sample")
+    print()
+    if args.per_layer:
+        print("\n".join(text.layer_table(report)))
+        print()
+    if args.rules == "seed":
+        print("\n".join(text.seed_block(report)))
+        print()
+        print("\n".join(text.seed_scores(report)))
+        if is_seed_setting(args):
+            s = report.scores()
+            print(f"(seed README: {SEED_SCORES[0]} and {SEED_SCORES[1]}; the exact "
+                  f"first is {s['freebie']['score']:.8f}, which the README rounded up)")
+        if state_info and any(p.detach().eq(0).any() for p in model.parameters() if p.dim() >= 2):
+            print("(the seed rules count every weight, zero or not; --rules micronet credits sparsity)")
+    else:
+        print("\n".join(text.micronet_block(report)))
+    for note in report.notes:
+        print(f"note: {note}")
+
+    if args.json:
+        payload = {"model": desc, "model_state_file": state_info, **report.to_dict()}
+        if not all(math.isfinite(v["score"]) for v in payload["scores"].values()):
+            raise UserError("the score is not finite; check the model")
+        write_json(args.json, payload)
+        print(f"\nwrote {args.json}")
+    return 0
+
+
+def script(argv=None):
+    # One batch of two 32x32 images is too small to gain from threads, and on a busy machine
+    # OpenMP's spinning threads make it many times slower.
+    torch.set_num_threads(1)
+    try:
+        return run_main(main, argv)
+    except BrokenPipeError:
+        # The reader went away (`count.py --per-layer | head`): nothing left to report. Point
+        # stdout at /dev/null so that the flush at exit does not raise again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0

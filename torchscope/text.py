@@ -1,0 +1,110 @@
+"""Text output of a Report: the seed README's block, the micronet figures, the per-layer table."""
+from .score import OPS_BASELINE, PARAMS_BASELINE
+
+
+def num(x):
+    """1,234,567 for whole numbers (also whole floats such as 0.5 * an even count), else 2 decimals."""
+    if float(x).is_integer():
+        return f"{int(x):,}"
+    return f"{x:,.2f}"
+
+
+def _mf_phrase(mf):
+    if mf == 0.5:
+        return "Counting multiplication operations as 1/2 operation"
+    if mf == 1:
+        return "Counting multiplication as 1 operation"
+    return f"Counting multiplication operations as {mf:g} operation"
+
+
+def _baselines():
+    return f"{PARAMS_BASELINE / 1e6:g}M", f"{OPS_BASELINE / 1e9:g}B"
+
+
+def seed_block(report):
+    """The lines the original count.py printed, with the true trainable count."""
+    mem = report.memory()
+    lines = [
+        _mf_phrase(report.mul_factor),
+        "",
+        f"Total params: {num(report.total_params)}",
+        f"Trainable params: {num(report.trainable_params)}",
+        f"Non-trainable params: {num(report.non_trainable_params)}",
+    ]
+    if report.legacy_nontrainable:
+        lines.append(f"  (the original printed {num(report.legacy_nontrainable)} of these as non-trainable: "
+                     "parameters not named weight/bias, i.e. the cosine matrix; they are trained)")
+    lines += [
+        f"Total FLOPs: {num(report.flops)}",
+        f"Total Madds: {num(report.madds())}",
+        "",
+        f"Input size (MB): {mem['input_mb']:.2f}",
+        f"Forward/backward pass size (MB): {mem['forward_backward_mb']:.2f}",
+        f"Params size (MB): {mem['params_mb']:.2f}",
+        f"Estimated Total Size (MB): {mem['total_mb']:.2f}",
+        f"FLOPs size (GB): {mem['flops_gb']:.2f}",
+        f"Madds size (GB): {mem['madds_gb']:.2f}",
+    ]
+    return lines
+
+
+def seed_scores(report):
+    s = report.scores()
+    p, o = _baselines()
+    fb, full = s["freebie"], s["full"]
+    return [
+        f"MicroNet score (baselines {p} params, {o} ops; Madds at mul_factor 0.5 and 1, "
+        "whatever --mul-factor is):",
+        "Count all parameters as 16-bit and 1 multiplication operation as 1/2 operation:",
+        f"(0.5 x {num(report.total_params)})/{p} + {num(fb['ops'])}/{o} = {fb['score']:.6f}",
+        "Count all parameters as 32-bit and 1 multiplication operation as 1 operation:",
+        f"{num(report.total_params)}/{p} + {num(full['ops'])}/{o} = {full['score']:.6f}",
+    ]
+
+
+def micronet_block(report):
+    s = report.scores()
+    p, o = _baselines()
+    fb, full = s["freebie"], s["full"]
+    lines = [
+        "Counting by the MicroNet Challenge rules (google-research micronet_challenge counting.py):",
+        "multiplies and adds apart, BatchNorm folded into its conv, residual adds, SE multiply,",
+        "swish 3 mults + 1 add, sigmoid 2 + 1, pools C mults + (H*W - 1)*C adds",
+        "",
+        f"Parameters (32-bit): {num(report.params32)}"
+        f"  ({num(report.total_params)} stored; BatchNorm folded into the convs"
+        + (", sparse weights as non-zeros + 1-bit mask" if report.sparse else "") + ")",
+        f"Parameters at 16 bits (fp16 freebie): {num(report.params16)}",
+        f"Multiplies: {num(report.mults)}",
+        f"Adds: {num(report.adds)}",
+        f"Operations (mults + adds): {num(full['ops'])}",
+        f"Operations with fp16 multiplies (0.5 x mults + adds): {num(fb['ops'])}",
+    ]
+    if report.sparse:
+        nz = sum(v[0] for v in report.sparse.values())
+        n = sum(v[1] for v in report.sparse.values())
+        lines.append(f"Sparse weight tensors: {len(report.sparse)} ({num(nz)} of {num(n)} weights non-zero, "
+                     f"{100 * (1 - nz / n):.1f}% zeros); ops that multiply a zero weight are skipped")
+    lines += [
+        "",
+        f"MicroNet score, fp16 freebie: {num(fb['params'])}/{p} + {num(fb['ops'])}/{o} = {fb['score']:.6f}",
+        f"MicroNet score, no freebie:   {num(full['params'])}/{p} + {num(full['ops'])}/{o} = {full['score']:.6f}",
+    ]
+    return lines
+
+
+def layer_table(report):
+    micronet = report.rules == "micronet"
+    cols = ("Params(32b)", "Mults", "Adds") if micronet else ("Params", "FLOPs", "Madds")
+    rows = []
+    for r in report.rows:
+        figs = ((r.params32, r.mults, r.adds) if micronet
+                else (r.params, r.flops, r.madds(report.mul_factor)))
+        rows.append((r.name, r.type, "x".join(str(d) for d in r.output_shape) or "-",
+                     *(num(v) for v in figs)))
+    head = ("Layer", "Type", "Output shape") + cols
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
+    fmt = lambda row: "  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
+                                for i, (v, w) in enumerate(zip(row, widths)))
+    rule = "-" * len(fmt(head))
+    return [rule, fmt(head), rule, *(fmt(r) for r in rows), rule]
