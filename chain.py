@@ -27,7 +27,6 @@ from engine.evaluate import evaluate
 from engine.regime import default_regime, regime_end
 from loss import make_criterion
 from torchscope import count as count_model
-from torchscope.score import micronet_score
 
 DEFAULT_STAGES = "efficientnet_b3,efficientnet_b3,efficientnet_b0,efficientnet_ex"
 STATE_FILE = "chain_state.json"
@@ -114,7 +113,7 @@ def stage_cost(args, i):
     def madds(name):
         m = models.create(name, coslinear=args.coslinear, width_mult=args.width_mult,
                           depth_mult=args.depth_mult)
-        return count_model(m, mul_factor=1.0).madds
+        return count_model(m, mul_factor=1.0).madds(1.0)
     student = madds(args.stage_list[i])
     teacher = madds(args.stage_list[i - 1]) if i > 0 else 0.0
     return 3.0 * student + teacher
@@ -190,8 +189,10 @@ def chain(args, ctx):
             say("[chain] stopped; run the same command again to continue")
             return result["exit_code"]
         teacher = (name, entry["checkpoint"])
+    # Every rank evaluates its shard of the test set (the metrics are all-reduced); rank 0 reports.
+    final = final_evaluation(args, ctx, stages[-1])
     if ctx.is_main:
-        report(args, ctx, stages)
+        report(args, stages, final)
     say(f"[chain] done in {(time.perf_counter() - t_start) / 60:.1f} min")
     return 0
 
@@ -206,20 +207,19 @@ def final_evaluation(args, ctx, last):
     net.to(device=ctx.device, memory_format=speed.memory_format(ns))
     images, labels = data.load_cifar100(args.data_dir, train=False, download=False)
     images, labels = data.subset(images, labels, args.test_limit)
-    loader = data.EvalLoader(images, labels, 1000, device=ctx.device,
-                             memory_format=speed.memory_format(ns))
+    loader = data.EvalLoader(images, labels, 1000, device=ctx.device, rank=ctx.rank,
+                             world_size=ctx.world_size, memory_format=speed.memory_format(ns))
     r = evaluate(net, loader, make_criterion(args.coslinear, args.s), speed.autocast(ns, ctx.device))
-    half = count_model(net.cpu().float().to(memory_format=torch.contiguous_format), mul_factor=0.5)
-    full = count_model(net, mul_factor=1.0)
+    # The seed's conventions (SPEC §4/§5), as torchscope/count.py prints them by default.
+    counted = count_model(net.cpu().float().to(memory_format=torch.contiguous_format), mul_factor=0.5)
+    scores = counted.scores()
     return {"top1": r["top1"], "top5": r["top5"], "correct": r["correct"], "total": r["total"],
-            "params": half.params, "madds": half.madds, "madds_mf1": full.madds,
-            "score": micronet_score(half.params, half.madds, param_bits=16),
-            "score_full": micronet_score(full.params, full.madds, param_bits=32),
+            "params": counted.total_params, "madds": counted.madds(0.5), "madds_mf1": counted.madds(1.0),
+            "score": scores["freebie"]["score"], "score_full": scores["full"]["score"],
             "reached_80": r["total"] == 10000 and r["top1"] >= 80.0}
 
 
-def report(args, ctx, stages):
-    final = final_evaluation(args, ctx, stages[-1])
+def report(args, stages, final):
     doc = {"stages": [{k: s[k] for k in ("model", "teacher", "teacher_checkpoint", "checkpoint",
                                          "epochs", "best_top1", "seconds")} for s in stages],
            "final": final}

@@ -56,6 +56,9 @@ def build_parser():
     g.add_argument("--weight-decay", type=nonneg_float, default=1e-4)
     g.add_argument("--drop-connect", type=probability, default=None, help="override the model's rate")
     g.add_argument("--dropout", type=probability, default=None, help="override (plain head only)")
+    g.add_argument("--bn-momentum", type=probability, default=None,
+                   help="override BatchNorm's momentum (0.01); 0.1 makes short runs' test figures "
+                        "meaningful")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--aug", default="seed", help=f"one of {', '.join(data.AUG_RECIPES)}")
     g.add_argument("--train-limit", type=positive_int, default=None,
@@ -159,19 +162,14 @@ def resolve_resume(args, log):
     saved = state["args"]
     # Flags the user did not give come from the saved run; those given must agree with it.
     mismatched = [k for k in runs.IDENTITY_ARGS if k in args.given and getattr(args, k) != saved.get(k)]
-    if "lr_regime" in mismatched and "lr_regime" not in args.given:
-        mismatched.remove("lr_regime")
     if mismatched:
         what = ", ".join(f"--{k.replace('_', '-')} {getattr(args, k)!r} (run: {saved.get(k)!r})"
                          for k in mismatched)
         raise UserError(f"--resume {path} belongs to a run with other arguments: {what}; drop those "
                         "flags or start a new run")
-    for k in runs.IDENTITY_ARGS:
+    for k in runs.IDENTITY_ARGS + runs.INHERITED_ARGS:
         if k in saved and k not in args.given:
             setattr(args, k, saved[k])
-    if state.get("finished"):
-        raise UserError(f"--resume {path}: that run already finished all its epochs; raise --epochs "
-                        "to train further, or start a new run")
     return folder, state
 
 
@@ -181,14 +179,6 @@ def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def mixed_seed(*parts):
-    """A 63-bit seed from several integers, stable across runs and machines."""
-    h = 1469598103934665603
-    for p in parts:
-        h = ((h ^ (int(p) & 0xFFFFFFFFFFFFFFFF)) * 1099511628211) % 2**64
-    return h % 2**63
 
 
 def rng_state(device):
@@ -221,7 +211,8 @@ def load_data(args, ctx, log):
 
 def build_model(args, ctx):
     net = models.create(args.model, coslinear=args.coslinear, width_mult=args.width_mult,
-                        depth_mult=args.depth_mult, drop_connect=args.drop_connect, dropout=args.dropout)
+                        depth_mult=args.depth_mult, drop_connect=args.drop_connect, dropout=args.dropout,
+                        bn_momentum=args.bn_momentum)
     if args.sync_bn and ctx.distributed:
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.name = args.model
@@ -286,6 +277,11 @@ def train(args, ctx, on_epoch=None):
         t = resumed["train"]
         start_epoch, start_step, best = t["next_epoch"], t["next_step"], t["best"]
         history, partial = list(resumed["history"]), t.get("partial")
+        if partial is not None and t.get("world_size", 1) != ctx.world_size:
+            # Steps and RNG streams are per rank: another world size restarts the epoch.
+            log(f"the mid-epoch checkpoint was written by {t.get('world_size', 1)} rank(s), this run has "
+                f"{ctx.world_size}: epoch {start_epoch} restarts from its first step")
+            start_step, partial = 0, None
         if start_step >= len(train_loader):
             start_epoch, start_step, partial = start_epoch + 1, 0, None
         if start_epoch > epochs:
@@ -368,6 +364,8 @@ def train(args, ctx, on_epoch=None):
             distributed.barrier()
             if on_epoch:
                 on_epoch(row)
+    if ctx.distributed:
+        log(check_ranks_in_sync(net, ctx))
     b = run_state["best"]
     log(f"done: best test top-1 {b['top1']:.2f}% ({b['correct']}/{b['total']}) at epoch {b['epoch']}; "
         f"{os.path.join(folder, 'model_best.pytar')}")
@@ -375,12 +373,21 @@ def train(args, ctx, on_epoch=None):
     return {"folder": folder, "best": b, "history": history, "stopped": False, "exit_code": 0}
 
 
+def check_ranks_in_sync(net, ctx):
+    """DDP keeps replicas identical; a checksum per rank proves it (and catches a silent split)."""
+    with torch.no_grad():
+        local = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().item()
+    sums = distributed.gather_objects(local)
+    if len(set(sums)) == 1:
+        return f"weights identical on all {ctx.world_size} ranks (checksum {sums[0]:.10g})"
+    return f"WARNING: weights differ across ranks: checksums {sums}"
+
+
 def _probe(compiled, net, loader, autocast):
     """One compiled forward/backward, leaving weights, BN statistics and RNG as they were."""
     buffers = {k: v.clone() for k, v in net.named_buffers()}
     rng = torch.get_rng_state()
-    x = torch.zeros((loader.batch_size, 3, 32, 32), device=loader.device).contiguous(
-        memory_format=loader.memory_format)
+    x, _ = next(loader.iterate(0))  # a real batch: real shape, dtype and memory format
     with autocast:
         out = compiled(x)
     out.float().sum().backward()
@@ -392,8 +399,7 @@ def _probe(compiled, net, loader, autocast):
 
 
 def _probe_eval(compiled, loader, autocast):
-    x = torch.zeros((loader.batch_size, 3, 32, 32), device=loader.device).contiguous(
-        memory_format=loader.memory_format)
+    x, _ = next(loader.iterate(0))
     with torch.no_grad(), autocast:
         compiled(x)
 
@@ -404,16 +410,13 @@ def train_epoch(model, net, objective, criterion, autocast, optimizer, scaler, l
     except a non-finite check every log interval (every step on the CPU, where it is free)."""
     args, ctx, log = run_state["args"], run_state["ctx"], run_state["log"]
     device = ctx.device
-    if first_step == 0 or partial is None:
-        torch.manual_seed(mixed_seed(args.seed, epoch, ctx.rank))
+    if partial is None:
+        # Dropout and drop-connect draw from a stream that depends on (seed, epoch, rank) only.
+        torch.manual_seed(data.derive_seed("model", args.seed, epoch, ctx.rank))
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss*n, correct, n, agree
-        elapsed, first_step = 0.0, 0 if partial is None else first_step
+        elapsed, first_step = 0.0, 0
     else:
-        rngs = partial["rng"]
-        if len(rngs) == ctx.world_size:
-            set_rng_state(rngs[ctx.rank], device)
-        else:  # resumed on another number of ranks: a fresh, still deterministic, stream
-            torch.manual_seed(mixed_seed(args.seed, epoch, first_step, ctx.rank))
+        set_rng_state(partial["rng"][ctx.rank], device)
         sums = partial["sums"].to(device=device, dtype=torch.float64)
         elapsed = partial["seconds"]
     model.train()
@@ -426,7 +429,7 @@ def train_epoch(model, net, objective, criterion, autocast, optimizer, scaler, l
                    dynamic_ncols=True, leave=False, unit="batch")
         run_state["log"].bar_active = True
     bad_steps = torch.zeros((), dtype=torch.int64, device=device)
-    n_start = float(partial["sums"][2]) if partial is not None and first_step else 0.0
+    n_start = float(partial["sums"][2]) if partial is not None else 0.0
     skipped = 0
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     sync()

@@ -8,6 +8,7 @@ Every load is `torch.load(weights_only=True)`: a file that would run code when u
 """
 import os
 import pickle
+import re
 import tempfile
 import zipfile
 
@@ -51,12 +52,15 @@ def load_file(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported global" in str(e):
-            raise UserError(f"refusing to load {path}: it holds objects that could run code when "
-                            f"unpickled ({first[:160]}); only load checkpoints you trust, written by "
-                            "this toolkit or the original entry") from None
-        raise UserError(f"{path} is not a readable checkpoint ({first[:160]}); it may be truncated "
+        msg = str(e)
+        found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", msg)
+        if found:
+            raise UserError(f"refusing to load {path}: it holds a {found.group(1)} object, which could "
+                            "run code when unpickled; only checkpoints holding tensors and plain values "
+                            "load") from None
+        reason = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
+        detail = reason.group(1).strip().splitlines()[0] if reason else (msg.strip().splitlines() or [""])[0]
+        raise UserError(f"{path} is not a readable checkpoint ({detail[:120]}); it may be truncated "
                         "or corrupt: use another file") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -16,7 +16,11 @@ IDENTITY_ARGS = ("model", "width_mult", "depth_mult", "coslinear", "s", "m", "la
                  "lr_regime", "batch_size", "momentum", "weight_decay", "seed", "aug", "train_limit",
                  "test_limit", "label_refinery_model", "label_refinery_state_file",
                  "label_refinery_width_mult", "label_refinery_depth_mult", "refinery_bn",
-                 "drop_connect", "dropout", "lr_scale", "sync_bn", "nan_policy")
+                 "drop_connect", "dropout", "bn_momentum", "lr_scale", "sync_bn", "nan_policy")
+
+# Not part of a run's identity, but a resume that does not give them keeps the run's values.
+INHERITED_ARGS = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "keep_epoch_states",
+                  "no_download")
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                  "images_per_s", "seconds")

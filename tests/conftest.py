@@ -1,0 +1,80 @@
+"""Shared fixtures: real CIFAR-100 (when available), a learnable synthetic CIFAR-100, and helpers to
+run the scripts in-process or as subprocesses."""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED_UNPACK = os.path.join(ROOT, "..", "shared", "data", "cifar100", "unpack.sh")
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """The real CIFAR-100: $CIFAR100_DIR (CI sets it), else unpacked from ../shared when present."""
+    root = os.environ.get("CIFAR100_DIR")
+    if root and os.path.exists(os.path.join(root, "cifar-100-python", "train")):
+        return root
+    if os.path.exists(SHARED_UNPACK):
+        root = str(tmp_path_factory.mktemp("cifar100"))
+        subprocess.run(["bash", SHARED_UNPACK, root], check=True, capture_output=True)
+        return root
+    pytest.skip("real CIFAR-100 not found: set CIFAR100_DIR to a folder holding cifar-100-python/")
+
+
+def write_cifar(root, train, test):
+    folder = os.path.join(root, "cifar-100-python")
+    os.makedirs(folder, exist_ok=True)
+    for name, (x, y) in (("train", train), ("test", test)):
+        with open(os.path.join(folder, name), "wb") as f:
+            pickle.dump({"data": x.reshape(len(x), -1), "fine_labels": y.tolist(),
+                         "coarse_labels": [0] * len(y), "filenames": [], "batch_label": name}, f,
+                        protocol=4)
+
+
+def synthetic_split(n, seed):
+    """Each class is a fixed low-frequency colour pattern plus noise: learnable in a few steps."""
+    rng = np.random.default_rng(1234)
+    patterns = rng.integers(40, 216, (100, 3, 4, 4)).repeat(8, axis=2).repeat(8, axis=3)
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 100
+    rng.shuffle(y)
+    noise = rng.normal(0, 25, (n, 3, 32, 32))
+    x = np.clip(patterns[y] + noise, 0, 255).astype(np.uint8)
+    return x, y
+
+
+@pytest.fixture(scope="session")
+def synthetic_dir(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("synthetic_cifar"))
+    write_cifar(root, synthetic_split(50_000, 1), synthetic_split(10_000, 2))
+    return root
+
+
+# Narrow, shallow models keep CPU tests short (the network keeps 32x32 maps for two stages).
+TINY = ["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mult", "0.2"]
+
+
+def run_script(script, *argv, timeout=900, env=None, check=False):
+    """Run a script as a user would, in a subprocess; returns CompletedProcess."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, argv)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env=e)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{script} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+def load_weights_file(path):
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    return obj["model"] if "format" in obj else obj
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert different == [], f"{len(different)} tensors differ, e.g. {different[:3]}"
