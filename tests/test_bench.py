@@ -176,6 +176,11 @@ def test_eta_fallback_missing_and_epochs_within():
     assert eta.epochs_within(speeds, "efficientnet_ex", 256, ["all"], 300, 40) == 5
     assert eta.epochs_within(speeds, "efficientnet_ex", 256, ["compile", "eager-fp32"], 300) == 1
     assert eta.epochs_within(speeds, "efficientnet_ex", 128, ["all"], 300) is None
+    # A teacher lacking the student's mode falls back along the same list, and says so.
+    only_eager_b0 = [SPEEDS[0], step_doc("efficientnet_b0", 256, {"eager-fp32": (500, 1500)}), SPEEDS[2]]
+    last = eta.chain_eta(eta.speeds_from_docs(only_eager_b0), 256, ["all", "eager-fp32"])["stages"][3]
+    assert last["mode"] == "all" and last["teacher_mode"] == "eager-fp32"
+    assert last["seconds"] == pytest.approx(75 * (150_000 / 3000 + 150_000 / 1500 + 10_000 / 9000 + 10_000 / 1500))
     # Narrowed models do not stand for the chain's unless asked.
     narrow = dict(SPEEDS[0], width_mult=0.25)
     assert eta.speeds_from_docs([narrow]) == {}

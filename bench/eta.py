@@ -1,0 +1,212 @@
+#!/usr/bin/env python
+"""Time of the whole label-refinery chain at the speeds bench/step.py measured.
+
+    python bench/eta.py STEP.json... [--mode all] [--batch-size 256] [--json OUT.json]
+    python bench/eta.py STEP.json... --epochs-within 200 --model efficientnet_ex --batch-size 128
+
+The chain is chain.py's default: b3 70 epochs on hard labels, b3 70 refined by b3, b0 70 refined
+by b3, ex 75 refined by b0. An epoch is 150,000 training samples (3 augmented copies of 50,000),
+then a 10,000-image test pass. Per stage, with speeds in images/s at one mode and batch size:
+
+    train  = epochs * samples * (1 / student train  [+ 1 / teacher eval])
+    test   = epochs * test    * (1 / student eval   [+ 1 / teacher eval])
+
+since a refined step is the student's step plus the teacher's forward on the same batch, and
+train.py's test pass of a refined stage also runs the teacher (for agreement). Where the student's
+JSON also has a `refined/MODE` row with that very teacher, the directly measured refined step is
+shown beside the sum (`measured`). --epochs-within prints how many epochs of a model fit a time
+budget (gpu.sh uses it to size its training run).
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import glob  # noqa: E402
+import json  # noqa: E402
+
+SAMPLES_PER_EPOCH = 150_000
+TEST_SAMPLES = 10_000
+# (student, teacher or None, epochs): chain.py's default stages with each model's own regime.
+CHAIN = (
+    ("efficientnet_b3", None, 70),
+    ("efficientnet_b3", "efficientnet_b3", 70),
+    ("efficientnet_b0", "efficientnet_b3", 70),
+    ("efficientnet_ex", "efficientnet_b0", 75),
+)
+# Full-size scaling of each model: only such results stand for the chain's models.
+FULL_SIZE = {"efficientnet_b0": (1.0, 1.0), "efficientnet_b3": (1.2, 1.4), "efficientnet_ex": (0.8, 0.8),
+             "efficientnet_exx": (0.8, 0.7)}
+SHORT = {"efficientnet_b0": "b0", "efficientnet_b3": "b3", "efficientnet_ex": "ex", "efficientnet_exx": "exx"}
+
+
+def load_speeds(paths, full_size_only=True):
+    """{(model, batch_size): {mode: row}} from step JSON files (see speeds_from_docs)."""
+    docs = []
+    for path in paths:
+        with open(path) as f:
+            docs.append(json.load(f))
+    return speeds_from_docs(docs, full_size_only)
+
+
+def speeds_from_docs(docs, full_size_only=True):
+    """{(model, batch_size): {mode: row}} from step results; results of the same model and batch
+    size merge, the first one holding a mode keeps it. A refined row records its teacher."""
+    speeds = {}
+    for doc in docs:
+        if doc.get("bench") != "step":
+            continue
+        model = doc["model"]
+        if full_size_only and FULL_SIZE.get(model) != (doc.get("width_mult"), doc.get("depth_mult")):
+            continue
+        entry = speeds.setdefault((model, doc["batch_size"]), {})
+        for mode, row in doc.get("modes", {}).items():
+            if "train_images_per_s" in row and mode not in entry:
+                entry[mode] = dict(row, teacher=doc.get("teacher") if mode.startswith("refined/") else None)
+    return speeds
+
+
+def _pick(speeds, model, batch, modes):
+    entry = speeds.get((model, batch), {})
+    for mode in modes:
+        row = entry.get(mode)
+        if row and row.get("train_images_per_s") and row.get("eval_images_per_s"):
+            return mode, row
+    return None, None
+
+
+def stage_time(speeds, student, teacher, epochs, batch, modes, samples=SAMPLES_PER_EPOCH,
+               test_samples=TEST_SAMPLES):
+    """Seconds of one stage: the sum formula, and the measured refined step where there is one."""
+    mode, s = _pick(speeds, student, batch, modes)
+    if s is None:
+        return {"student": student, "teacher": teacher, "epochs": epochs,
+                "error": f"no {'/'.join(modes)} result for {student} at batch {batch}"}
+    train = samples / s["train_images_per_s"]
+    test = test_samples / s["eval_images_per_s"]
+    out = {"student": student, "teacher": teacher, "epochs": epochs, "mode": mode,
+           "student_train_images_per_s": s["train_images_per_s"]}
+    if teacher:
+        # The teacher in the student's mode where measured; else the next fallback (the table says).
+        t_modes = [mode] + [m for m in modes if m != mode]
+        t_mode, t = _pick(speeds, teacher, batch, t_modes)
+        if t is None:
+            out["error"] = f"no {'/'.join(t_modes)} result for teacher {teacher} at batch {batch}"
+            return out
+        train += samples / t["eval_images_per_s"]
+        test += test_samples / t["eval_images_per_s"]
+        out["teacher_eval_images_per_s"] = t["eval_images_per_s"]
+        out["teacher_mode"] = t_mode
+        r = speeds.get((student, batch), {}).get("refined/" + mode)
+        if r and r.get("teacher") == teacher and r.get("eval_images_per_s"):
+            out["measured_refined_train_images_per_s"] = r["train_images_per_s"]
+            out["measured_seconds"] = epochs * (samples / r["train_images_per_s"]
+                                                + test_samples / r["eval_images_per_s"])
+    out["train_seconds"] = epochs * train
+    out["test_seconds"] = epochs * test
+    out["seconds"] = out["train_seconds"] + out["test_seconds"]
+    out["epoch_seconds"] = train + test
+    return out
+
+
+def chain_eta(speeds, batch, modes, chain=CHAIN, samples=SAMPLES_PER_EPOCH, test_samples=TEST_SAMPLES):
+    stages = [stage_time(speeds, s, t, e, batch, modes, samples, test_samples) for s, t, e in chain]
+    ok = all("seconds" in st for st in stages)
+    measured = [st.get("measured_seconds", st.get("seconds")) for st in stages]
+    return {"batch_size": batch, "modes": list(modes), "samples_per_epoch": samples,
+            "test_samples": test_samples, "stages": stages,
+            "seconds": sum(st["seconds"] for st in stages) if ok else None,
+            "seconds_with_measured_refined": sum(measured) if ok and None not in measured else None}
+
+
+def epochs_within(speeds, model, batch, modes, budget_s, overhead_s=0.0, samples=SAMPLES_PER_EPOCH,
+                  test_samples=TEST_SAMPLES):
+    """Whole epochs of `model` on hard labels that fit budget_s after overhead_s; at least 1."""
+    _, s = _pick(speeds, model, batch, modes)
+    if s is None:
+        return None
+    epoch = samples / s["train_images_per_s"] + test_samples / s["eval_images_per_s"]
+    return max(1, int((budget_s - overhead_s) // epoch))
+
+
+def hours(seconds):
+    return "-" if seconds is None else f"{seconds / 3600:.2f} h"
+
+
+def format_eta(eta):
+    from bench.common import fmt, markdown_table
+    rows = []
+    for i, st in enumerate(eta["stages"], 1):
+        who = SHORT.get(st["student"], st["student"]) + (
+            f" <- {SHORT.get(st['teacher'], st['teacher'])}" if st["teacher"] else " (hard labels)")
+        if "error" in st:
+            rows.append([i, who, st["epochs"], "-", "-", "-", "-", st["error"]])
+            continue
+        mode = st["mode"] + (f" (teacher {st['teacher_mode']})"
+                             if st.get("teacher_mode") not in (None, st["mode"]) else "")
+        rows.append([i, who, st["epochs"], mode, fmt(st["student_train_images_per_s"]),
+                     fmt(st.get("teacher_eval_images_per_s")), f"{st['epoch_seconds']:.1f} s",
+                     hours(st["seconds"]) + (f" (measured step: {hours(st['measured_seconds'])})"
+                                             if "measured_seconds" in st else "")])
+    table = markdown_table(["stage", "model", "epochs", "mode", "student train img/s",
+                            "teacher eval img/s", "per epoch", "stage time"], rows)
+    return (f"Chain ETA at batch {eta['batch_size']} ({eta['samples_per_epoch']:,} samples + "
+            f"{eta['test_samples']:,} test images per epoch):\n{table}\n"
+            f"total: {hours(eta['seconds'])}"
+            + (f"; with the directly measured refined steps: {hours(eta['seconds_with_measured_refined'])}"
+               if eta.get("seconds_with_measured_refined") not in (None, eta["seconds"]) else ""))
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("files", nargs="+", help="step JSONs, or folders holding them")
+    p.add_argument("--mode", default="all", help="mode whose speeds to use")
+    p.add_argument("--fallback-modes", default="all-eager,eager-fp32",
+                   help="used, in order, for a model that lacks --mode (the table says which)")
+    p.add_argument("--batch-size", type=int, nargs="*", default=None,
+                   help="batch sizes to report (default: every one found)")
+    p.add_argument("--samples", type=int, default=SAMPLES_PER_EPOCH)
+    p.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
+    p.add_argument("--any-width", action="store_true", help="also use narrowed models' results")
+    p.add_argument("--epochs-within", type=float, default=None, metavar="SECONDS",
+                   help="print only how many epochs of --model fit in SECONDS")
+    p.add_argument("--overhead", type=float, default=0.0, help="seconds to set aside (with --epochs-within)")
+    p.add_argument("--model", default="efficientnet_ex")
+    p.add_argument("--json", default=None)
+    return p
+
+
+def expand(paths):
+    out = []
+    for p in paths:
+        out += sorted(glob.glob(os.path.join(p, "*.json"))) if os.path.isdir(p) else [p]
+    return out
+
+
+def main(argv=None):
+    a = build_parser().parse_args(argv)
+    speeds = load_speeds(expand(a.files), full_size_only=not a.any_width)
+    modes = [a.mode] + [m for m in a.fallback_modes.split(",") if m and m != a.mode]
+    batches = a.batch_size or sorted({b for _, b in speeds})
+    if a.epochs_within is not None:
+        n = epochs_within(speeds, a.model, batches[0] if batches else None, modes, a.epochs_within,
+                          a.overhead, a.samples, a.test_samples)
+        print(n if n is not None else "")
+        return 0 if n is not None else 1
+    if not batches:
+        print("no full-size step results found (use --any-width for narrowed models)", file=sys.stderr)
+        return 1
+    etas = [chain_eta(speeds, b, modes, CHAIN, a.samples, a.test_samples) for b in batches]
+    for eta in etas:
+        print(format_eta(eta) + "\n")
+    if a.json:
+        from bench.common import write_json
+        write_json(a.json, {"bench": "eta", "chain": [list(c) for c in CHAIN], "etas": etas})
+    return 0 if any(e["seconds"] is not None for e in etas) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+#!/usr/bin/env python
+"""Make CIFAR-100 available under DEST/cifar-100-python for gpu.sh, where the shared unpack.sh is not.
+
+    python bench/prepare_data.py DEST [--parts-dir DIR] [--synthetic-fallback]
+
+In order: DEST already holds a readable copy -> nothing to do; DIR holds the shared copy's parts
+(cifar-100-python.tar.xz.part0, part1, ...) -> check them against DIR/SHA256SUMS when it is there,
+join them, and unpack with lzma + tarfile, as shared/data/cifar100/unpack.sh does; otherwise, with
+--synthetic-fallback, random images of the right shapes (50,000 / 10,000, every class present), which
+serve every speed measurement but make any accuracy meaningless. Prints one JSON line:
+{"data_dir": DEST, "source": "existing" | "parts" | "synthetic"}; exit 1 if no data could be made.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import hashlib  # noqa: E402
+import io  # noqa: E402
+import json  # noqa: E402
+import lzma  # noqa: E402
+import pickle  # noqa: E402
+import re  # noqa: E402
+import tarfile  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+FOLDER = "cifar-100-python"
+SPLITS = {"train": 50_000, "test": 10_000}
+
+
+def readable(dest):
+    """True when DEST holds both splits that data.load_cifar100 accepts."""
+    import data
+    from engine.errors import UserError
+    try:
+        data.load_cifar100(dest, train=True, download=False)
+        data.load_cifar100(dest, train=False, download=False)
+        return True
+    except UserError:
+        return False
+
+
+def find_parts(parts_dir):
+    if not parts_dir or not os.path.isdir(parts_dir):
+        return []
+    parts = [p for p in os.listdir(parts_dir) if re.search(r"\.part\d+$", p)]
+    # part10 must come after part9: sort on the number, not the text.
+    return [os.path.join(parts_dir, p) for p in sorted(parts, key=lambda p: int(p.rsplit("part", 1)[1]))]
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack_parts(parts, dest):
+    sums_path = os.path.join(os.path.dirname(parts[0]), "SHA256SUMS")
+    if os.path.exists(sums_path):
+        with open(sums_path) as f:
+            want = dict(line.split()[::-1] for line in f if line.strip())
+        for p in parts:
+            name = os.path.basename(p)
+            if name in want and _sha256(p) != want[name]:
+                raise SystemExit(f"error: {p}: checksum mismatch; the copy of the parts is damaged")
+    blob = b"".join(open(p, "rb").read() for p in parts)
+    os.makedirs(dest, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(lzma.decompress(blob))) as tar:
+        # filter="data" refuses absolute paths and links out of DEST (Python >= 3.12, and 3.8+ patches).
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:
+            tar.extractall(dest)
+
+
+def write_synthetic(dest, seed=0, sizes=SPLITS):
+    folder = os.path.join(dest, FOLDER)
+    os.makedirs(folder, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in sizes.items():
+        obj = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+               "fine_labels": [i % 100 for i in range(n)], "coarse_labels": [i % 20 for i in range(n)],
+               "batch_label": f"synthetic {split}"}
+        with open(os.path.join(folder, split), "wb") as f:
+            pickle.dump(obj, f, protocol=4)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("dest")
+    p.add_argument("--parts-dir", default=None)
+    p.add_argument("--synthetic-fallback", action="store_true")
+    a = p.parse_args(argv)
+    if readable(a.dest):
+        source = "existing"
+    elif find_parts(a.parts_dir):
+        unpack_parts(find_parts(a.parts_dir), a.dest)
+        if not readable(a.dest):
+            raise SystemExit(f"error: the parts in {a.parts_dir} did not unpack to a readable CIFAR-100")
+        source = "parts"
+    elif a.synthetic_fallback:
+        write_synthetic(a.dest)
+        source = "synthetic"
+    else:
+        print(f"error: no CIFAR-100 in {a.dest} and no *.partN files in {a.parts_dir}", file=sys.stderr)
+        return 1
+    print(json.dumps({"data_dir": os.path.abspath(a.dest), "source": source}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

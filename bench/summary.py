@@ -1,0 +1,210 @@
+#!/usr/bin/env python
+"""Markdown tables from benchmark results: the data bench, step benches, memory, a training run, ETA.
+
+    python bench/summary.py RESULTS_DIR_OR_JSONS... [--train-run RUN_DIR] [--title T] [--out summary.md]
+
+gpu.sh writes its summary.md with this; the CPU tables of bench/PERFORMANCE.md come from it too.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import csv  # noqa: E402
+import json  # noqa: E402
+
+from bench import eta as eta_mod  # noqa: E402
+from bench.common import fmt, markdown_table, median, write_json  # noqa: E402
+
+
+def load(paths):
+    docs = []
+    for path in eta_mod.expand(paths):
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError) as e:
+            print(f"[summary] skipping {path}: {e}", file=sys.stderr)
+            continue
+        if isinstance(doc, dict) and "bench" in doc:
+            doc["_file"] = os.path.basename(path)
+            docs.append(doc)
+    return docs
+
+
+def environment_section(docs):
+    d = next((d for d in docs if d.get("torch")), None)
+    if d is None:
+        return ""
+    parts = [f"device: {d.get('device_name')}", f"torch {d.get('torch')}"]
+    if d.get("cuda"):
+        parts.append(f"CUDA {d['cuda']}, cuDNN {d.get('cudnn')}")
+    parts += [f"{d.get('cpu_count')} CPUs ({d.get('cpu_model')})", f"commit {d.get('commit')}"]
+    return "; ".join(str(p) for p in parts)
+
+
+def data_section(docs):
+    out = []
+    for d in (d for d in docs if d["bench"] == "data"):
+        per_cpu = d.get("ours_images_per_cpu_s_by_threads", {})
+        cpu_ratio = d.get("ratio_per_cpu_s_by_threads", {})
+        rows = [[f"ours ({t} thread{'s' if int(t) > 1 else ''})", fmt(v), fmt(d["ratio_by_threads"][t], 1),
+                 fmt(per_cpu.get(t)), fmt(cpu_ratio.get(t), 1)]
+                for t, v in d["ours_images_per_s_by_threads"].items()]
+        tv_cpu = d.get("torchvision_images_per_cpu_s")
+        rows.append([f"torchvision ({d['workers']} workers)", fmt(d["torchvision_images_per_s"]), "1.0",
+                     fmt(tv_cpu), "1.0" if tv_cpu else "-"])
+        out.append(f"`seed` augmentation, batch {d['batch_size']}, on {d['device']} ({d['data']}; "
+                   f"load average {d.get('load_average_1min', 0):.1f} at the start):\n\n"
+                   + markdown_table(["pipeline", "images/s", "x torchvision", "images/CPU-s", "x torchvision"],
+                                    rows))
+    return "\n\n".join(out)
+
+
+def _model_label(d):
+    full = eta_mod.FULL_SIZE.get(d["model"]) == (d.get("width_mult"), d.get("depth_mult"))
+    name = eta_mod.SHORT.get(d["model"], d["model"])
+    return name if full else f"{name} (w {d['width_mult']:g}, d {d['depth_mult']:g})"
+
+
+def _teacher_label(d):
+    name = eta_mod.SHORT.get(d["teacher"], d["teacher"])
+    w, dm = d.get("teacher_width_mult"), d.get("teacher_depth_mult")
+    return name + (f" w {w:g} d {dm:g}" if w is not None or dm is not None else "")
+
+
+def step_section(docs):
+    rows = []
+    for d in sorted((d for d in docs if d["bench"] == "step"),
+                    key=lambda d: (d["model"], d.get("width_mult") or 0, d["batch_size"], d["_file"])):
+        for mode, m in d["modes"].items():
+            label = mode + (f" ({_teacher_label(d)} teacher)" if mode.startswith("refined/") else "")
+            if "train_images_per_s" not in m:
+                rows.append([_model_label(d), d["batch_size"], label, "-", "-", "-", "-", "-", "-",
+                             (m.get("error") or "not run")[:70]])
+                continue
+            note = []
+            if m.get("compiled") is False:
+                note.append("compile failed: eager")
+            if m.get("compile_s"):
+                note.append(f"compile {m['compile_s']:.0f} s")
+            rows.append([_model_label(d), d["batch_size"], label, fmt(m["train_images_per_s"]),
+                         fmt(m.get("train_speedup"), 2), f"{m['step_ms']:.1f}", fmt(m.get("eval_images_per_s")),
+                         fmt(m.get("eval_speedup"), 2), fmt(m.get("peak_mem_mb")), ", ".join(note)])
+    if not rows:
+        return ""
+    kinds = {d["peak_mem_kind"] for d in docs if d["bench"] == "step"}
+    rounds = sorted({(d["rounds"], d["steps"]) for d in docs if d["bench"] == "step"})
+    return (markdown_table(["model", "batch", "mode", "train img/s", "x", "ms/step", "eval img/s", "x",
+                            "peak MB", "note"], rows)
+            + "\n\nx: speed-up over eager-fp32 (a refined mode: over refined/eager-fp32), median of the "
+              "per-round ratios. Peak MB: " + "; ".join(sorted(kinds))
+            + ". Rounds x timed steps: " + ", ".join(f"{r} x {s}" for r, s in rounds) + ".")
+
+
+def memory_section(docs):
+    """Peak MB per model (rows) and batch size / mode (columns)."""
+    table = {}
+    cols = []
+    for d in (d for d in docs if d["bench"] == "step"):
+        for mode, m in d["modes"].items():
+            if m.get("peak_mem_mb") is None or mode.startswith("refined/"):
+                continue
+            col = (d["batch_size"], mode)
+            if col not in cols:
+                cols.append(col)
+            table.setdefault(_model_label(d), {})[col] = m["peak_mem_mb"]
+    if not table:
+        return ""
+    cols.sort()
+    rows = [[name] + [fmt(v.get(c)) for c in cols] for name, v in sorted(table.items())]
+    return markdown_table(["model"] + [f"batch {b} {m}" for b, m in cols], rows)
+
+
+def train_section(run_dir, info=None):
+    path = os.path.join(run_dir, "metrics.csv") if run_dir else None
+    if not path or not os.path.exists(path):
+        return "no training run results" + (f" ({info.get('note')})" if info and info.get("note") else "")
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return "the training run finished no epoch"
+    secs = [float(r["seconds"]) for r in rows]
+    steady = median(secs[1:]) if len(secs) > 1 else secs[0]
+    last, best = rows[-1], max(rows, key=lambda r: float(r["test_top1"]))
+    lines = [f"epochs finished: {len(rows)}" + (f" of {info['epochs']} planned" if info and info.get("epochs") else ""),
+             f"seconds per epoch (train part, from metrics.csv): first {secs[0]:.1f} (includes any compile), "
+             f"median of the rest {steady:.1f}",
+             f"train images/s (median of epochs 2+): {fmt(median([float(r['images_per_s']) for r in rows[1:]] or [float(rows[0]['images_per_s'])]))}",
+             f"test top-1 after the last epoch ({last['epoch']}): {float(last['test_top1']):.2f}%; best "
+             f"{float(best['test_top1']):.2f}% at epoch {best['epoch']}"]
+    if info:
+        for k in ("command", "wall_s", "exit_code", "data", "note"):
+            if info.get(k) is not None:
+                lines.append(f"{k.replace('_', ' ')}: {info[k]}")
+    table = markdown_table(["epoch", "lr", "train loss", "train top-1", "test top-1", "img/s", "seconds"],
+                           [[r["epoch"], r["lr"], f"{float(r['train_loss']):.3f}", f"{float(r['train_top1']):.2f}",
+                             f"{float(r['test_top1']):.2f}", fmt(float(r["images_per_s"])),
+                             f"{float(r['seconds']):.1f}"] for r in rows])
+    return "\n".join(f"- {x}" for x in lines) + "\n\n" + table
+
+
+def eta_section(docs, any_width=False):
+    speeds = eta_mod.speeds_from_docs(docs, full_size_only=not any_width)
+    out = [eta_mod.format_eta(eta_mod.chain_eta(speeds, b, ["all", "all-eager", "eager-fp32"]))
+           for b in sorted({b for _, b in speeds})]
+    return "\n\n".join(out)
+
+
+def build(paths, train_run=None, title="Benchmark results", train_info=None, extra=None, any_width=False,
+          eta=True):
+    docs = load(paths)
+    parts = [f"# {title}", environment_section(docs)]
+    for head, body in (("Data pipeline", data_section(docs)), ("Train and eval step", step_section(docs)),
+                       ("Peak memory (MB)", memory_section(docs)),
+                       ("Training run", train_section(train_run, train_info) if train_run or train_info else ""),
+                       ("Whole-chain ETA at these speeds", eta_section(docs, any_width) if eta else "")):
+        if body:
+            parts.append(f"## {head}\n\n{body}")
+    if extra:
+        parts.append(extra)
+    return "\n\n".join(p for p in parts if p) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("paths", nargs="+", help="result JSONs or folders of them")
+    p.add_argument("--train-run", default=None, help="a train.py run folder (its metrics.csv)")
+    p.add_argument("--train-info", default=None, help="JSON with the run's command, planned epochs, ...")
+    p.add_argument("--notes", default=None, help="a text file appended under 'Notes'")
+    p.add_argument("--title", default="Benchmark results")
+    p.add_argument("--any-width", action="store_true", help="ETA from narrowed models' results too")
+    p.add_argument("--no-eta", action="store_true", help="leave the chain ETA out")
+    p.add_argument("--results-json", default=None, help="also write every result JSON merged into one")
+    p.add_argument("--out", default=None)
+    a = p.parse_args(argv)
+    info = None
+    if a.train_info and os.path.exists(a.train_info):
+        with open(a.train_info) as f:
+            info = json.load(f)
+    extra = None
+    if a.notes and os.path.exists(a.notes):
+        with open(a.notes) as f:
+            extra = "## Notes\n\n" + f.read().strip()
+    text = build(a.paths, a.train_run, a.title, info, extra, a.any_width, not a.no_eta)
+    if a.results_json:
+        merged = {d.pop("_file"): d for d in load(a.paths)}
+        if info:
+            merged["train_info"] = info
+        write_json(a.results_json, merged)
+    if a.out:
+        with open(a.out, "w") as f:
+            f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
