@@ -201,7 +201,10 @@ def load_data(args, ctx, log):
     fmt = speed.memory_format(args)
     train = data.TrainLoader(train_x, train_y, args.batch_size, aug=args.aug, seed=args.seed,
                              device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                             memory_format=fmt)
+                             memory_format=fmt,
+                             # A compiled step would recompile for the short last batch (and then
+                             # run every batch through a dynamic-shape graph): drop it instead.
+                             drop_last=bool(args.compile))
     test = data.EvalLoader(test_x, test_y, args.eval_batch_size, device=ctx.device, rank=ctx.rank,
                            world_size=ctx.world_size, memory_format=fmt)
     log(f"data: {len(train_x)} train images x {data.copies(args.aug)} ({args.aug} augmentation), "

@@ -23,11 +23,11 @@ def _freeze(teacher, bn_mode):
         p.requires_grad_(False)
     if bn_mode == "train":
         # The original's quirk: the teacher stayed in train mode, so BatchNorm normalised with the
-        # batch's statistics. Momentum 0 keeps the running statistics (and so the file) untouched.
+        # batch's statistics. Not tracking keeps every buffer (and so the teacher) untouched.
         for m in teacher.modules():
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.train()
-                m.momentum = 0.0
+                m.track_running_stats = False
     return teacher
 
 

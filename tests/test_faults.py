@@ -22,7 +22,10 @@ QUICK = [*TINY, "--train-limit", "480", "--test-limit", "200", "--batch-size", "
 
 
 def start(argv, env=None):
-    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", **(env or {}))
+    # The same thread count as this process: CPU reductions must run in the same order for the
+    # resumed run to match the in-process reference bit for bit.
+    e = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS=str(torch.get_num_threads()))
+    e.update(env or {})
     return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *map(str, argv)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=e)
 
@@ -60,7 +63,7 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, synthetic_dir, refe
     save = tmp_path / "runs"
     argv = [*QUICK, "--data_dir", synthetic_dir, "--save", save, "--epochs", "2"]
     extra = ["--checkpoint-every", "4"] if where == "mid-epoch" else []
-    proc = start(argv + extra, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    proc = start(argv + extra)
     if where == "mid-epoch":
         folder, status = wait_for_status(str(save), lambda s: s["next_epoch"] == 1 and s["next_step"] >= 4, proc)
     else:
@@ -76,7 +79,7 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, synthetic_dir, refe
 def test_sigterm_checkpoints_prints_resume_command_and_exits_0(tmp_path, synthetic_dir, reference):
     save = tmp_path / "runs"
     argv = [*QUICK, "--data_dir", synthetic_dir, "--save", save, "--epochs", "2"]
-    proc = start(argv, env={"OMP_NUM_THREADS": str(torch.get_num_threads())})
+    proc = start(argv)
     # Wait for the first epoch to end, then stop during the second.
     wait_for_status(str(save), lambda s: s["next_epoch"] == 2, proc)
     proc.send_signal(signal.SIGTERM)
@@ -92,7 +95,8 @@ def test_sigterm_checkpoints_prints_resume_command_and_exits_0(tmp_path, synthet
     state = torch.load(last, weights_only=True)
     assert state["train"]["next_epoch"] == 2
     # The printed command, run as printed, finishes the run with the uninterrupted weights.
-    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run([sys.executable, *cmd[1:]], cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(torch.get_num_threads())))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert_same_weights(reference, load_weights_file(last))
 

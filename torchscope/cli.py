@@ -16,7 +16,7 @@ import torch
 
 import models
 import torchscope
-from engine.cli import add_model_args
+from engine.cli import add_model_args, positive_int
 from engine.errors import UserError, run_main
 from torchscope import text
 
@@ -34,16 +34,6 @@ def mul_factor(v):
     return x
 
 
-def dimension(v):
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
-    return n
-
-
 def build_parser():
     p = argparse.ArgumentParser(
         prog="count.py",
@@ -52,7 +42,7 @@ def build_parser():
     add_model_args(p)
     p.add_argument("--mul-factor", type=mul_factor, default=0.5, metavar="F",
                    help="weight of a multiply in Madds, 0 < F <= 1 (default 0.5, the fp16 freebie)")
-    p.add_argument("--input-size", type=dimension, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
+    p.add_argument("--input-size", type=positive_int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
                    help="one sample's shape (default 3 32 32)")
     p.add_argument("--rules", choices=sorted(torchscope.RULESETS), default="seed",
                    help="seed: the original count.py's formulas (default); micronet: the challenge's "
