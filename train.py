@@ -224,7 +224,7 @@ def build_model(args, ctx):
 
 def state_of(net):
     """The bare student state_dict, without DDP or compile prefixes (the original's format)."""
-    return {k: v.detach().clone() for k, v in net.state_dict().items()}
+    return {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in net.state_dict().items()}
 
 
 def run(argv=None, on_epoch=None):

@@ -110,6 +110,8 @@ def load_cifar100(root, train: bool, download: bool = True):
     Reads root/cifar-100-python/{train,test}; downloads it when missing and `download` is set.
     """
     root = os.path.expanduser(os.fspath(root))
+    if os.path.basename(os.path.normpath(root)) == FOLDER and not os.path.isdir(os.path.join(root, FOLDER)):
+        root = os.path.dirname(os.path.normpath(root))  # the user named the data folder itself
     split, expected = _SPLITS[bool(train)]
     folder = os.path.join(root, FOLDER)
     path = os.path.join(folder, split)
