@@ -54,21 +54,71 @@ def jitter_params(n, brightness, contrast, gen):
     return b_lo + u[0] * (1 + b - b_lo), c_lo + u[1] * (1 + c - c_lo), u[2] < 0.5
 
 
-def _blend(x, factor, use_mean):
-    # Brightness is a blend towards black and contrast a blend towards the grey mean, so both are
-    # f*x + (1-f)*m with m = 0 or the mean; one formula lets samples pick either op in the same pass.
-    grey = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
-    mean = grey.mean(dim=(1, 2)) * use_mean
-    f = factor.view(-1, 1, 1, 1)
-    return (f * x + (1 - f) * mean.view(-1, 1, 1, 1)).clamp_(0, 1)
+_GREY = (0.299, 0.587, 0.114)  # grey-level weights of R, G, B
+_GREY_TENSORS = {}  # (device, dtype) -> _GREY as a tensor, made once: a host copy per batch could sync
+
+
+def _grey_weights(device, dtype):
+    key = (torch.device(device), dtype)
+    if key not in _GREY_TENSORS:
+        _GREY_TENSORS[key] = torch.tensor(_GREY, dtype=dtype, device=device)
+    return _GREY_TENSORS[key]
+
+
+def _jitter_plan(brightness_factor, contrast_factor, contrast_first, in_scale=1.0, norm=None):
+    """ColorJitter(brightness, contrast) with given per-sample factors and order is two per-sample
+    affine maps y = clamp(a*x + o, 0, 1): brightness is a = f, o = 0 and contrast a = f,
+    o = (1 - f) * mean grey level of its input, so every sample does both in the same two passes.
+    The grey image's mean is the weighted sum of the channel means, a cheap reduction.
+
+    This computes, for the whole batch, the coefficients (a1, k1, a2, k2, b2): the first map is
+    a1*x + k1*grey(x), the second a2*x + k2*grey(x) + b2 (per channel). x holds values in
+    [0, 1/in_scale] (in_scale=1/255 reads uint8 levels converted to float). With
+    norm = (mean [3], std [3], lo, hi) the result is also normalised, (y - mean) / std, folded into
+    the second map; lo/hi are the per-channel clamp bounds (-mean/std, (1-mean)/std) as floats.
+    """
+    first = contrast_first
+    keep = 1 - contrast_factor  # contrast's weight on the mean
+    a1 = (torch.where(first, contrast_factor, brightness_factor) * in_scale).view(-1, 1, 1, 1)
+    k1 = torch.where(first, keep, 0.0) * in_scale
+    a2 = torch.where(first, brightness_factor, contrast_factor)[:, None]
+    k2 = torch.where(first, 0.0, keep)[:, None]
+    b2 = None
+    if norm is not None:
+        # clamp(a2*x + o2, 0, 1) normalised is clamp(a2/std * x + (o2 - mean)/std, lo, hi).
+        mean, std = norm[0], norm[1]
+        a2, k2, b2 = a2 / std, k2 / std, -mean / std
+    grey = _grey_weights(a1.device, a1.dtype)
+    return a1, k1, a2[:, :, None, None], k2, b2, grey, (None if norm is None else norm[2:])
+
+
+def _jitter_apply(x, plan, part=slice(None), inplace=False):
+    """The two maps of `_jitter_plan` on x, which holds samples `part` of the planned batch."""
+    a1, k1, a2, k2, b2, grey, bounds = plan
+    o1 = k1[part] * (x.mean(dim=(2, 3)) @ grey)
+    x = x.mul_(a1[part]) if inplace else x * a1[part]
+    x.add_(o1[:, None, None, None]).clamp_(0, 1)
+    o2 = k2[part] * (x.mean(dim=(2, 3)) @ grey)[:, None]  # [n,1], or [n,3] when normalising
+    if b2 is not None:
+        o2 += b2
+    x.mul_(a2[part]).add_(o2[:, :, None, None])
+    if bounds is None:
+        return x.clamp_(0, 1)
+    for c, (lo, hi) in enumerate(zip(*bounds)):
+        x[:, c].clamp_(lo, hi)
+    return x
+
+
+def _jitter(x, brightness_factor, contrast_factor, contrast_first, *, in_scale=1.0, norm=None,
+            inplace=False):
+    """Brightness and contrast with given per-sample factors and order (see `_jitter_plan`)."""
+    plan = _jitter_plan(brightness_factor, contrast_factor, contrast_first, in_scale, norm)
+    return _jitter_apply(x, plan, inplace=inplace)
 
 
 def apply_jitter(x, brightness_factor, contrast_factor, contrast_first):
     """Brightness and contrast with given per-sample factors, in the given per-sample order."""
-    first = torch.where(contrast_first, contrast_factor, brightness_factor)
-    second = torch.where(contrast_first, brightness_factor, contrast_factor)
-    x = _blend(x, first, contrast_first.to(x.dtype))
-    return _blend(x, second, (~contrast_first).to(x.dtype))
+    return _jitter(x, brightness_factor, contrast_factor, contrast_first)
 
 
 def color_jitter(x, brightness, contrast, gen):
@@ -110,25 +160,94 @@ def crop_boxes(n, height, width, scale, ratio, gen, attempts=10):
     return top.long(), left.long(), h.long(), w.long()
 
 
-def resized_crop(x, top, left, h, w, size=None):
-    """Crop each sample to its box and resize it bilinearly to `size`, in one grid_sample call.
+def _source_coords(start, length, out, dtype):
+    """Per-sample pixel coordinates [B,out] where torch's bilinear resize (align_corners=False) of a
+    crop [start, start+length) to `out` pixels reads, clamped to the crop."""
+    centres = torch.arange(out, device=start.device, dtype=dtype) + 0.5
+    length = length.to(dtype)[:, None]
+    src = (centres * (length / out) - 0.5).clamp(min=0)
+    return torch.minimum(src, length - 1) + start.to(dtype)[:, None]
+
+
+def _crop_grid(top, left, h, w, in_hw, out_hw, dtype, flip=None):
+    """grid_sample's grid [B,out_h,out_w,2] for per-sample crop boxes, mirrored left-right for
+    samples where `flip` [B] is true (flipping the output is reversing its x coordinates)."""
+    (H, W), (out_h, out_w) = in_hw, out_hw
+    # pixel coordinate -> grid_sample's [-1, 1] (align_corners=False)
+    gx = (2 * _source_coords(left, w, out_w, dtype) + 1) / W - 1
+    if flip is not None:
+        gx = torch.where(flip[:, None], gx.flip(-1), gx)
+    grid = torch.empty(top.shape[0], out_h, out_w, 2, device=top.device, dtype=dtype)
+    grid[..., 0] = gx[:, None, :]
+    grid[..., 1] = ((2 * _source_coords(top, h, out_h, dtype) + 1) / H - 1)[:, :, None]
+    return grid
+
+
+def _interp_matrix(start, length, out, full, dtype, flip=None, buf=None):
+    """Per-sample bilinear interpolation matrices [..., B, out, full] for one axis (two taps a row,
+    weights summing to 1), rows reversed where `flip` (shaped like start) is true. start/length
+    are [..., B] (a leading dim stacks axes of equal size); written into `buf` when given."""
+    src = _source_coords(start.reshape(-1), length.reshape(-1), out, dtype)
+    src = src.view(*start.shape, out)
+    if flip is not None:
+        src = torch.where(flip[..., None], src.flip(-1), src)
+    i0 = src.floor()
+    frac = (src - i0)[..., None]
+    i0 = i0.long()[..., None]
+    m = torch.zeros(*src.shape, full, device=src.device, dtype=dtype) if buf is None else buf.zero_()
+    m.scatter_add_(-1, i0, 1 - frac)
+    return m.scatter_add_(-1, (i0 + 1).clamp_(max=full - 1), frac)
+
+
+def _separable_resized_crop(x, top, left, h, w, flip=None, bufs=None, before=None, chunk=None):
+    """resized_crop (+ per-sample flip) to the input size as two batched matmuls, one per axis.
+
+    On the CPU this is faster than grid_sample, and it writes the result channels_last for free: the
+    width pass makes [B, W', C*H], which read transposed is the height pass's [B, H, W'*C] operand.
+    Returns a float [B,C,H,W] view with channels_last strides. `bufs`, a dict, keeps the
+    intermediates between calls (fresh large allocations cost page faults on the CPU); the result is
+    always a new tensor. `before(x_part, part)`, applied to slices of `chunk` samples just before
+    they are resized, lets per-sample elementwise work run while its slice is still in cache; it
+    must return float images (x itself may then be uint8).
+    """
+    B, C, H, W = x.shape
+    dtype = x.dtype if x.is_floating_point() else torch.float32
+    key = (B, C, H, W, dtype, x.device)
+    if bufs is not None and bufs.get("key") != key:
+        bufs.clear()
+        bufs.update(key=key, t=x.new_empty(B, W, C * H, dtype=dtype),
+                    r=x.new_empty(2, B, H, H, dtype=dtype) if H == W else None)
+    get = (lambda k: None) if bufs is None else bufs.get
+    if H == W:  # both axes' matrices in one go
+        flips = None if flip is None else torch.stack((torch.zeros_like(flip), flip))
+        ry, rx = _interp_matrix(torch.stack((top, left)), torch.stack((h, w)), H, H, dtype, flips,
+                                buf=get("r"))
+    else:
+        ry = _interp_matrix(top, h, H, H, dtype)         # [B, H', H]
+        rx = _interp_matrix(left, w, W, W, dtype, flip)  # [B, W', W]
+    t = get("t")
+    t = x.new_empty(B, W, C * H, dtype=dtype) if t is None else t   # [B, W', C*H]
+    out = x.new_empty(B, H, W * C, dtype=dtype)                     # [B, H', W'*C]
+    chunk = chunk or B
+    for lo in range(0, B, chunk):
+        part = slice(lo, min(B, lo + chunk))
+        xs = x[part] if before is None else before(x[part], part)
+        n = xs.shape[0]
+        torch.bmm(rx[part], xs.reshape(n, C * H, W).transpose(1, 2), out=t[part])
+        torch.bmm(ry[part], t[part].view(n, W * C, H).transpose(1, 2), out=out[part])
+    return out.view(B, H, W, C).permute(0, 3, 1, 2)
+
+
+def resized_crop(x, top, left, h, w, size=None, flip=None):
+    """Crop each sample to its box and resize it bilinearly to `size`, in one grid_sample call
+    (mirrored left-right where the optional per-sample `flip` [B] bool is true).
 
     Sample points are where torch's bilinear resize (align_corners=False) of the cropped image would
     read, clamped to the box, so the result equals torchvision's resized_crop on an upscale.
     """
-    B, _, H, W = x.shape
-    out_h, out_w = size if size is not None else (H, W)
-
-    def axis(start, length, out, full):
-        centres = torch.arange(out, device=x.device, dtype=x.dtype) + 0.5
-        length = length.to(x.dtype)[:, None]
-        src = (centres * (length / out) - 0.5).clamp(min=0)
-        src = torch.minimum(src, length - 1) + start.to(x.dtype)[:, None]
-        return (2 * src + 1) / full - 1  # pixel coordinate -> grid_sample's [-1, 1] (align_corners=False)
-
-    gx = axis(left, w, out_w, W)[:, None, :].expand(B, out_h, out_w)
-    gy = axis(top, h, out_h, H)[:, :, None].expand(B, out_h, out_w)
-    grid = torch.stack((gx, gy), dim=-1)
+    _, _, H, W = x.shape
+    out_hw = tuple(size) if size is not None else (H, W)
+    grid = _crop_grid(top, left, h, w, (H, W), out_hw, x.dtype, flip)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -167,9 +286,69 @@ def make_augment(aug, device):
     table = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)  # built once, not per batch
 
     def seed(x, copy_id, gen):
-        p = table.index_select(0, copy_id)
-        x = color_jitter(x, p[:, 0], p[:, 1], gen)
-        x = random_resized_crop(x, p[:, 2:4], p[:, 4:6], gen)
-        return hflip(x, 0.5, gen=gen)
+        return _seed(x, copy_id, gen, table).contiguous()
 
     return seed
+
+
+def _seed(x, copy_id, gen, table, in_scale=1.0, norm=None, bufs=None, chunk=None, separable=None):
+    """The seed recipe in a few passes: jitter (two per-sample affine maps, with normalisation
+    folded into the second), then crop, resize and flip together (two matmuls on the CPU, producing
+    channels_last; one grid_sample elsewhere). x is float in [0, 1/in_scale], left untouched, or
+    uint8 (converted to float here). Random draws happen in the order jitter, crop boxes, flip.
+    `separable` picks the matmul crop (default: on the CPU) over grid_sample."""
+    B, _, H, W = x.shape
+    p = table.index_select(0, copy_id)
+    bf, cf, first = jitter_params(B, p[:, 0], p[:, 1], gen)
+    boxes = crop_boxes(B, H, W, p[:, 2:4], p[:, 4:6], gen)
+    flip = torch.rand(B, generator=gen, device=x.device) < 0.5
+    plan = _jitter_plan(bf, cf, first, in_scale, norm)
+    if not (x.device.type == "cpu" if separable is None else separable):
+        # On CUDA grid_sample stays: matmuls there may run in TF32.
+        x, own = (x, False) if x.is_floating_point() else (x.float(), True)
+        return resized_crop(_jitter_apply(x, plan, inplace=own), *boxes, flip=flip)
+
+    xf = None  # for uint8 input: float copies, made a slice at a time (in cache), in a kept buffer
+    if not x.is_floating_point():
+        xf = None if bufs is None else bufs.get("xf")
+        if xf is None or xf.shape != x.shape:
+            xf = torch.empty(x.shape, dtype=torch.float32)
+            if bufs is not None:
+                bufs["xf"] = xf
+
+    def jitter(xs, part):
+        if xf is not None:
+            xs = xf[part].copy_(xs)
+        return _jitter_apply(xs, plan, part, inplace=xf is not None)
+
+    # Exact fp32 matmuls, in slices of `chunk` samples.
+    return _separable_resized_crop(x, *boxes, flip=flip, bufs=None if bufs is None else bufs["crop"],
+                                   before=jitter, chunk=chunk)
+
+
+_CPU_CHUNK = 128  # samples per slice: jitter then resize each slice while it is in cache (L2)
+
+
+def make_seed_pipeline(device, mean, std, memory_format=torch.contiguous_format):
+    """The seed recipe from uint8 images to normalised float ones, as a function
+    (images_u8 [B,3,H,W], copy_id, gen) -> (x / 255 augmented - mean) / std in `memory_format`.
+
+    Equal (up to float rounding) to normalising make_augment("seed")'s output, with the same draws,
+    but the /255 and the normalisation ride along in passes the augmentation makes anyway.
+    """
+    table = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)
+    mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
+    std_t = torch.tensor(std, dtype=torch.float32, device=device)
+    lo = [-m / s for m, s in zip(mean, std)]
+    hi = [(1 - m) / s for m, s in zip(mean, std)]
+    norm = (mean_t, std_t, lo, hi)
+    # CPU work buffers reused from batch to batch: a fresh allocation of a few MB costs page faults
+    # on every batch there. The result is still a new tensor each time.
+    bufs = {"crop": {}}
+
+    def pipeline(images_u8, copy_id, gen):
+        x = _seed(images_u8, copy_id, gen, table, in_scale=1 / 255, norm=norm, bufs=bufs,
+                  chunk=_CPU_CHUNK)
+        return x.contiguous(memory_format=memory_format)
+
+    return pipeline

@@ -12,7 +12,7 @@ import torch
 
 from engine.errors import UserError
 
-from .augment import copies, make_augment
+from .augment import copies, make_augment, make_seed_pipeline
 from .cifar import MEAN, STD
 
 
@@ -87,7 +87,12 @@ class TrainLoader:
                             f"raise --train-limit or use fewer ranks")
         self._augment = make_augment(aug, self.device)
         self._normalise = _Normalise(self.device, memory_format)
+        # seed: uint8 -> normalised output in one fused pipeline (the /255 and normalisation ride
+        # along in the augmentation's own passes).
+        self._fused = (make_seed_pipeline(self.device, MEAN, STD, memory_format) if aug == "seed"
+                       else None)
         self._gen = torch.Generator(device=self.device)
+        self._gathered = None
         self.epoch, self._shard = 0, None
 
     def __len__(self):
@@ -128,8 +133,17 @@ class TrainLoader:
         self._gen.manual_seed(derive_seed("aug", self.seed, self.epoch, step, self.rank))
         src = torch.remainder(idx, self.n)
         copy_id = torch.div(idx, self.n, rounding_mode="floor")
-        x = self._normalise.unit(self.images.index_select(0, src))
-        x = self._augment(x, copy_id, self._gen)
+        if self.device.type == "cpu":
+            # The gathered uint8 batch is consumed within this call, so on the CPU one buffer serves
+            # every batch (a fresh allocation of this size costs page faults there).
+            if self._gathered is None or len(self._gathered) != len(src):
+                self._gathered = self.images.new_empty((len(src),) + tuple(self.images.shape[1:]))
+            images = torch.index_select(self.images, 0, src, out=self._gathered)
+        else:
+            images = self.images.index_select(0, src)
+        if self._fused is not None:
+            return self._fused(images, copy_id, self._gen), self.labels.index_select(0, src)
+        x = self._augment(self._normalise.unit(images), copy_id, self._gen)
         return self._normalise(x), self.labels.index_select(0, src)
 
 

@@ -55,6 +55,15 @@ def synthetic_dir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module whose tensors are too small to share between cores."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 # Narrow, shallow models keep CPU tests short (the network keeps 32x32 maps for two stages).
 TINY = ["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mult", "0.2"]
 

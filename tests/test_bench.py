@@ -18,13 +18,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--width-mult", "0.1", "--depth-mult", "0.1"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Two cores shared with other jobs: a second OpenMP thread mostly waits for the first.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run_script(name, *args, timeout=120):

@@ -17,13 +17,8 @@ from data import (AUG_RECIPES, MEAN, STD, EvalLoader, TrainLoader, color_jitter,
 from engine.errors import UserError
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # The tensors here are tiny; with 2 cores shared with other jobs, OpenMP threads mostly spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gen(seed=0):
@@ -179,11 +174,8 @@ def test_download_is_used_when_missing(tmp_path, monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def real_dir():
-    root = os.environ.get("CIFAR100_DIR")
-    if not root:
-        pytest.skip("CIFAR100_DIR is not set")
-    return root
+def real_dir(cifar_dir):
+    return cifar_dir  # $CIFAR100_DIR, or the shared copy unpacked (conftest)
 
 
 @pytest.mark.parametrize("train, n", [(True, 50_000), (False, 10_000)])
@@ -507,3 +499,96 @@ def test_subset():
     for bad in (0, -1, 51):
         with pytest.raises(UserError, match="1..50"):
             subset(x, y, bad)
+
+
+# ---------------------------------------------------------------- fused seed pipeline
+
+
+def test_flip_folded_into_crop_matches_crop_then_flip():
+    from data.augment import _separable_resized_crop
+    x = images(48)
+    boxes = crop_boxes(48, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen(5))
+    flip = torch.rand(48, generator=gen(6)) < 0.5
+    plain = resized_crop(x, *boxes)
+    expected = torch.where(flip.view(-1, 1, 1, 1), plain.flip(-1), plain)
+    torch.testing.assert_close(resized_crop(x, *boxes, flip=flip), expected, atol=1e-5, rtol=0)
+    for chunk in (None, 7):
+        sep = _separable_resized_crop(x, *boxes, flip=flip, bufs={}, chunk=chunk)
+        assert sep.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(sep, expected, atol=1e-5, rtol=0)
+    # Identity boxes are exact.
+    full = [torch.zeros(48, dtype=torch.long)] * 2 + [torch.full((48,), 32)] * 2
+    assert torch.equal(_separable_resized_crop(x, *full), x)
+    mirrored = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
+    assert torch.equal(_separable_resized_crop(x, *full, flip=flip), mirrored)
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_seed_pipeline_equals_unit_augment_normalise(memory_format):
+    from data.augment import make_seed_pipeline
+    u8 = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
+    copy_id = torch.arange(300) % 3
+    pipe = make_seed_pipeline("cpu", MEAN, STD, memory_format)
+    out = pipe(u8, copy_id, gen(4))
+    ref = make_augment("seed", "cpu")(u8.float() / 255, copy_id, gen(4))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (ref - mean) / std, atol=1e-4, rtol=0)
+    assert out.is_contiguous(memory_format=memory_format)
+    # Reused work buffers never leak into results: a second call leaves the first result alone,
+    # and a different batch size works too.
+    kept = out.clone()
+    pipe(u8.flip(0), copy_id, gen(5))
+    assert torch.equal(out, kept)
+    assert torch.equal(pipe(u8, copy_id, gen(4)), kept)
+    fresh = make_seed_pipeline("cpu", MEAN, STD, memory_format)
+    assert torch.equal(pipe(u8[:37], copy_id[:37], gen(4)), fresh(u8[:37], copy_id[:37], gen(4)))
+
+
+def test_seed_loader_batches_are_independent_tensors():
+    x, y = fake_data()
+    loader = TrainLoader(x, y, 64, aug="seed", seed=2, memory_format=torch.channels_last)
+    batches = collect(loader)
+    kept = [b[0].clone() for b in batches]
+    again = collect(loader)
+    for (xb, _), k, (xa, _) in zip(batches, kept, again):
+        assert torch.equal(xb, k) and torch.equal(xa, k)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert xb.min() >= (0 - max(MEAN)) / min(STD) - 1e-5 and xb.max() <= (1 - min(MEAN)) / min(STD) + 1e-5
+
+
+@pytest.mark.parametrize("u8", [False, True])
+def test_seed_matmul_crop_matches_grid_sample_path(u8):
+    # The CPU's matmul crop and the grid_sample one used on CUDA give the same images.
+    from data.augment import _SEED_TABLE, _seed
+    table = torch.tensor(_SEED_TABLE)
+    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
+    x = x if u8 else x.float() / 255
+    scale = 1 / 255 if u8 else 1.0
+    copy_id = torch.arange(96) % 3
+    grid = _seed(x, copy_id, gen(3), table, in_scale=scale, separable=False)
+    mat = _seed(x, copy_id, gen(3), table, in_scale=scale, bufs={"crop": {}}, chunk=40, separable=True)
+    torch.testing.assert_close(mat, grid, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("separable", [True, False])
+def test_seed_pipeline_makes_no_host_round_trips(separable):
+    # No .item()/nonzero/host-made tensors per batch: on CUDA each would wait for the device.
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from data.augment import _SEED_TABLE, _seed
+
+    class Ops(TorchDispatchMode):
+        seen = set()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.seen.add(func.__name__.split(".")[0])
+            return func(*args, **(kwargs or {}))
+
+    table = torch.tensor(_SEED_TABLE)
+    u8 = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
+    norm = (torch.tensor(MEAN), torch.tensor(STD), [0.0] * 3, [1.0] * 3)
+    _seed(u8, torch.arange(64) % 3, gen(), table, 1 / 255, norm, separable=separable)  # warm caches
+    with Ops() as ops:
+        _seed(u8, torch.arange(64) % 3, gen(), table, 1 / 255, norm, {"crop": {}}, 16, separable)
+    assert "bmm" in ops.seen if separable else "grid_sampler_2d" in ops.seen
+    assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "item"}
