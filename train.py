@@ -217,6 +217,9 @@ def build_model(args, ctx):
                         depth_mult=args.depth_mult, drop_connect=args.drop_connect, dropout=args.dropout,
                         bn_momentum=args.bn_momentum)
     if args.sync_bn and ctx.distributed:
+        if ctx.device.type != "cuda":
+            raise UserError("--sync-bn needs CUDA devices (PyTorch's SyncBatchNorm has no CPU "
+                            "implementation); drop --sync-bn for CPU runs")
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.name = args.model
     return net.to(device=ctx.device, memory_format=speed.memory_format(args))
@@ -263,7 +266,7 @@ def train(args, ctx, on_epoch=None):
     net = build_model(args, ctx)
     teacher = None
     if refined:
-        teacher, teacher_meta = refinery.load_teacher(
+        teacher, _ = refinery.load_teacher(
             args.label_refinery_model, args.label_refinery_state_file,
             width_mult=args.label_refinery_width_mult, depth_mult=args.label_refinery_depth_mult,
             coslinear=args.label_refinery_coslinear, bn_mode=args.refinery_bn, device=ctx.device,

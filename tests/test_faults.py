@@ -101,9 +101,9 @@ def test_sigterm_checkpoints_prints_resume_command_and_exits_0(tmp_path, synthet
     assert_same_weights(reference, load_weights_file(last))
 
 
-def torchrun(nproc, argv, timeout=600):
+def torchrun(nproc, argv, timeout=600, script="train.py"):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-           os.path.join(ROOT, "train.py"), *map(str, argv)]
+           os.path.join(ROOT, script), *map(str, argv)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
 
@@ -130,6 +130,14 @@ def test_torchrun_two_processes_gloo(tmp_path, cifar_dir):
     # A checkpoint written by 2 ranks resumes on 1.
     r = train.run([*map(str, argv), "--epochs", "2", "--resume", folder])
     assert len(r["history"]) == 2 and r["folder"] == folder
+
+
+def test_sync_bn_on_cpu_ranks_is_a_clear_error():
+    from engine.distributed import Context
+    args = train.parse_args([*TINY, "--sync-bn"])
+    train.speed.resolve(args, torch.device("cpu"))
+    with pytest.raises(UserError, match="--sync-bn needs CUDA devices"):
+        train.build_model(args, Context(rank=0, world_size=2))
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synthetic_dir):
@@ -182,3 +190,17 @@ def test_memory_does_not_grow_across_epochs(tmp_path, synthetic_dir):
     assert len(seen) == 12
     # After warm-up, twelve epochs must not keep adding memory (a leak adds per epoch).
     assert seen[-1] - seen[3] < 40, seen
+
+
+def test_chain_under_torchrun(tmp_path, cifar_dir):
+    """chain.py launched by torchrun: every stage and the final evaluation run on both ranks."""
+    save = tmp_path / "chain"
+    p = torchrun(2, ["--stages", "efficientnet_ex,efficientnet_exx", "--data_dir", cifar_dir, "--no-download",
+                     "--save", save, "--epochs", "1", "--width-mult", "0.25", "--depth-mult", "0.2",
+                     "--train-limit", "400", "--test-limit", "201", "--aug", "none", "--batch-size", "25",
+                     "--device", "cpu", "--no-progress"], script="chain.py")
+    assert p.returncode == 0, p.stdout + p.stderr
+    assert p.stdout.count("weights identical on all 2 ranks") == 2
+    report = json.load(open(save / "chain_report.json"))
+    assert [s["model"] for s in report["stages"]] == ["efficientnet_ex", "efficientnet_exx"]
+    assert report["final"]["total"] == 201  # the two ranks' uneven shards, each image once
