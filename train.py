@@ -95,7 +95,10 @@ def build_parser():
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="torch.compile student and teacher (default on CUDA)")
     g.add_argument("--fused-optimizer", action=argparse.BooleanOptionalAction, default=None)
-    g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across ranks")
+    g.add_argument("--sync-bn", action="store_true", help="synchronise BatchNorm across ranks (CUDA)")
+    g.add_argument("--activation-checkpointing", action="store_true",
+                   help="recompute each MBConv block in backward: ~8x less activation memory for about "
+                        "one extra forward (small GPUs)")
     return p
 
 
@@ -222,6 +225,7 @@ def build_model(args, ctx):
                             "implementation); drop --sync-bn for CPU runs")
         net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
         net.name = args.model
+    net.activation_checkpointing = args.activation_checkpointing
     return net.to(device=ctx.device, memory_format=speed.memory_format(args))
 
 

@@ -4,12 +4,15 @@ Module names follow the original entry's layout (SPEC §6) so that its `.pytar` 
 without any key mapping: `features.0` stem unit, `features.1..N` MBConv blocks,
 `features.N+1` head unit, `classifier` head.
 """
+import contextlib
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from torch.utils.checkpoint import checkpoint
 
 from .heads import make_classifier
 
@@ -172,6 +175,8 @@ class EfficientNet32(nn.Module):
         self.pool = nn.AvgPool2d(input_size // 4)
         self.classifier = make_classifier(head, num_classes, coslinear, dropout)
         self.coslinear = coslinear
+        # Recompute each MBConv block in backward instead of keeping its activations (small GPUs).
+        self.activation_checkpointing = False
         self.reset_parameters()
 
     def reset_parameters(self):
@@ -193,5 +198,29 @@ class EfficientNet32(nn.Module):
                 m.reset_kernel()
 
     def forward(self, x):
-        x = self.pool(self.features(x))
+        if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+            x = self.features[0](x)
+            for block in self.features[1:-1]:
+                x = checkpoint(block, x, use_reentrant=False,
+                               context_fn=lambda b=block: (contextlib.nullcontext(), _bn_stats_frozen(b)))
+            x = self.features[-1](x)
+        else:
+            x = self.features(x)
+        x = self.pool(x)
         return self.classifier(x.flatten(1))
+
+
+@contextlib.contextmanager
+def _bn_stats_frozen(module):
+    """During a checkpoint's recompute, BatchNorm must not update its running statistics twice:
+    momentum 0 leaves them exactly as they are, and the batch counter is put back afterwards."""
+    bns = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.num_batches_tracked.clone()) for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(bns, saved):
+            m.momentum = momentum
+            m.num_batches_tracked.copy_(count)

@@ -193,3 +193,24 @@ def test_cosine_head_handles_zero_feature():
     head = models.create("efficientnet_ex").classifier
     out = head(torch.zeros(2, 1024))
     assert torch.isfinite(out).all()
+
+
+def test_activation_checkpointing_changes_nothing_but_memory():
+    """Same loss, gradients and BatchNorm statistics (drop-connect masks included) with and
+    without per-block recomputation."""
+    def step(ckpt):
+        torch.manual_seed(0)
+        m = models.create("efficientnet_b0", width_mult=0.25, depth_mult=0.34)  # drop-connect 0.2
+        m.activation_checkpointing = ckpt
+        torch.manual_seed(1)
+        out = m(torch.randn(4, 3, 32, 32))
+        loss = (out * torch.linspace(-1, 1, 100)).sum()
+        loss.backward()
+        return loss, m
+    la, a = step(False)
+    lb, b = step(True)
+    assert torch.equal(la, lb)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-6, msg=n)
+    for (n, x), (_, y) in zip(a.named_buffers(), b.named_buffers()):
+        assert torch.equal(x, y), n
