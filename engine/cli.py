@@ -15,41 +15,23 @@ def str2bool(v):
     raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
 
 
-def positive_int(v):
-    try:
-        n = int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {v!r}") from None
-    if n <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {n}")
-    return n
+def typed(convert, ok, what):
+    """An argparse type: convert the text, then check the value; each failure is one clear line."""
+    def parse(v):
+        try:
+            x = convert(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return x
+    return parse
 
 
-def positive_float(v):
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {v!r}") from None
-    if not x > 0:
-        raise argparse.ArgumentTypeError(f"must be positive, got {v}")
-    return x
-
-
-def nonneg_float(v):
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {v!r}") from None
-    if not x >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
-    return x
-
-
-def probability(v):
-    x = nonneg_float(v)
-    if x >= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {v}")
-    return x
+positive_int = typed(int, lambda n: n > 0, "a positive integer")
+positive_float = typed(float, lambda x: x > 0, "a positive number")
+nonneg_float = typed(float, lambda x: x >= 0, "a number >= 0")
+probability = typed(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 
 
 def model_name(v):
@@ -62,7 +44,7 @@ def default_data_dir():
     return os.environ.get("CIFAR100_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cifar100")
 
 
-def add_model_args(p, prefix=""):
+def add_model_args(p):
     p.add_argument("--model", type=model_name, default="efficientnet_ex",
                    help=f"one of {', '.join(models.names())}")
     p.add_argument("--width-mult", type=positive_float, default=None,

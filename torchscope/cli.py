@@ -16,7 +16,7 @@ import torch
 
 import models
 import torchscope
-from engine.cli import add_model_args, positive_int
+from engine.cli import add_model_args, positive_int, typed
 from engine.errors import UserError, run_main
 from torchscope import text
 
@@ -24,14 +24,8 @@ from torchscope import text
 SEED_SCORES = ("0.074762", "0.12541")
 
 
-def mul_factor(v):
-    try:
-        x = float(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {v!r}") from None
-    if not 0 < x <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1] (0.5: multiplies count half, 1: full), got {v}")
-    return x
+# (0, 1]: 0.5 counts a multiply as half an operation (the fp16 freebie), 1 as a whole one.
+mul_factor = typed(float, lambda x: 0 < x <= 1, "a number in (0, 1] (0.5: multiplies count half, 1: full)")
 
 
 def build_parser():
