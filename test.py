@@ -10,7 +10,6 @@ import argparse
 import json
 import sys
 
-import torch
 
 import data
 import models

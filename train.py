@@ -11,7 +11,6 @@ A run folder under --save holds args.json, log.txt, metrics.csv, curves.png, mod
 """
 import argparse
 import json
-import math
 import os
 import random
 import shlex

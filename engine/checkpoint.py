@@ -55,9 +55,8 @@ def load_file(path):
         msg = str(e)
         found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", msg)
         if found:
-            raise UserError(f"refusing to load {path}: it holds a {found.group(1)} object, which could "
-                            "run code when unpickled; only checkpoints holding tensors and plain values "
-                            "load") from None
+            raise UserError(f"refusing to load {path}: unpickling it would call {found.group(1)}, which "
+                            "could run code; only checkpoints holding tensors and plain values load") from None
         reason = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
         detail = reason.group(1).strip().splitlines()[0] if reason else (msg.strip().splitlines() or [""])[0]
         raise UserError(f"{path} is not a readable checkpoint ({detail[:120]}); it may be truncated "

@@ -1,5 +1,4 @@
 """Additive-margin softmax ("angle loss", arXiv 1801.05599) for cosine outputs."""
-import torch
 import torch.nn.functional as F
 from torch import nn
 

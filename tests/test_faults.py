@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import train
-from conftest import ROOT, TINY, assert_same_weights, load_weights_file, run_script
+from conftest import ROOT, TINY, assert_same_weights, load_weights_file
 from engine import checkpoint
 from engine.errors import UserError
 

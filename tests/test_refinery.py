@@ -11,7 +11,7 @@ import chain
 import models
 import refinery
 import train
-from conftest import TINY, run_script
+from conftest import TINY
 from engine import checkpoint
 from engine.errors import UserError
 from loss import am_softmax_loss

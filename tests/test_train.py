@@ -11,7 +11,7 @@ import torch
 import models
 import test as test_script
 import train
-from conftest import TINY, assert_same_weights, load_weights_file, run_script
+from conftest import TINY, assert_same_weights, load_weights_file
 from engine import checkpoint
 from engine.errors import UserError
 from engine.regime import lr_at, parse_regime
@@ -291,6 +291,7 @@ def test_malicious_checkpoint_is_refused_and_never_runs(capsys, tmp_path, synthe
     torch.save({"model": Payload(str(marker))}, evil)
     line = expect_exit2(capsys, lambda: test_script.run_main(test_script.main, [
         *TINY, "--data_dir", synthetic_dir, "--model-state-file", str(evil)]), "refusing to load")
+    assert "would call io.open" in line  # names what the file tried to run
     assert not marker.exists()
     with open(tmp_path / "evil2.pytar", "wb") as f:
         pickle.dump(Payload(str(marker)), f)
