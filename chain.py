@@ -20,12 +20,11 @@ import torch
 import data
 import models
 import train as train_stage
-from engine import checkpoint, distributed, runs, speed
+from engine import checkpoint, distributed, runs
 from engine.cli import add_data_args, positive_float, positive_int, str2bool
 from engine.errors import UserError, run_main
-from engine.evaluate import evaluate
+from engine.evaluate import evaluate_checkpoint
 from engine.regime import default_regime, regime_end
-from loss import make_criterion
 from torchscope import count as count_model
 
 DEFAULT_STAGES = "efficientnet_b3,efficientnet_b3,efficientnet_b0,efficientnet_ex"
@@ -142,12 +141,13 @@ def chain(args, ctx):
     state = load_state(state_path, args.stage_list)
     stages = state.get("stages", [])
     costs = [stage_cost(args, i) for i in range(len(args.stage_list))]
-    samples = None
+    eta_shown = False  # the ETA comes once, from the first epoch this command trains
     t_start = time.perf_counter()
     teacher = None
     for i, name in enumerate(args.stage_list):
         record = stages[i] if i < len(stages) else None
-        if record and record.get("argv") != stage_argv(args, i, teacher):
+        base_argv = stage_argv(args, i, teacher)
+        if record and record.get("argv") != base_argv:
             raise UserError(f"stage {i + 1} ({name}) in {state_path} ran with other settings; use another "
                             "--save folder or the same flags as before")
         if record and record.get("finished"):
@@ -157,19 +157,19 @@ def chain(args, ctx):
             continue
         # --resume auto finds this stage's unfinished run (its flags name the model and the teacher
         # file) even when a kill came before the chain could record it; otherwise it starts one.
-        argv = stage_argv(args, i, teacher) + ["--resume", "auto"]
+        argv = base_argv + ["--resume", "auto"]
         say(f"[chain] stage {i + 1}/{len(args.stage_list)} {name}"
             + (f" refined by {teacher[0]} ({teacher[1]})" if teacher else " on hard labels"))
 
         def on_epoch(row, i=i):
-            nonlocal samples
-            if samples is None and ctx.is_main:
+            nonlocal eta_shown
+            if not eta_shown and ctx.is_main:
                 # ETA from the measured speed: seconds per unit of (samples x cost).
                 per_epoch = row["images_per_s"] * row["seconds"]
                 unit = row["seconds"] / (per_epoch * costs[i])
                 left = sum(per_epoch * stage_epochs(args, n) * costs[j]
                            for j, n in enumerate(args.stage_list) if j >= i) * unit - row["seconds"]
-                samples = per_epoch
+                eta_shown = True
                 say(f"[chain] ETA for the whole chain: {left / 60:.1f} min at the first epoch's "
                     f"speed ({row['images_per_s']:.0f} img/s)")
 
@@ -177,7 +177,7 @@ def chain(args, ctx):
         entry = {"model": name, "teacher": teacher[0] if teacher else None,
                  "teacher_checkpoint": teacher[1] if teacher else None, "folder": result["folder"],
                  "checkpoint": os.path.join(result["folder"], "model_best.pytar"),
-                 "argv": stage_argv(args, i, teacher), "finished": not result["stopped"],
+                 "argv": base_argv, "finished": not result["stopped"],
                  "epochs": len(result["history"]),
                  "best_top1": result["best"]["top1"] if result["best"] else None,
                  "seconds": sum(r["seconds"] for r in result["history"])}
@@ -199,24 +199,17 @@ def chain(args, ctx):
 
 def final_evaluation(args, ctx, last):
     """Hard-label test accuracy of the final model_best.pytar (test.py's figures) and its count."""
-    net = models.create(last["model"], coslinear=args.coslinear, width_mult=args.width_mult,
-                        depth_mult=args.depth_mult)
-    checkpoint.load_weights(net, last["checkpoint"])
-    ns = argparse.Namespace(amp=args.amp, channels_last=None, compile=False, fused_optimizer=None)
-    speed.resolve(ns, ctx.device)
-    net.to(device=ctx.device, memory_format=speed.memory_format(ns))
-    images, labels = data.load_cifar100(args.data_dir, train=False, download=False)
-    images, labels = data.subset(images, labels, args.test_limit)
-    loader = data.EvalLoader(images, labels, 1000, device=ctx.device, rank=ctx.rank,
-                             world_size=ctx.world_size, memory_format=speed.memory_format(ns))
-    r = evaluate(net, loader, make_criterion(args.coslinear, args.s), speed.autocast(ns, ctx.device))
+    r, net, _ = evaluate_checkpoint(
+        last["model"], last["checkpoint"], args.data_dir, ctx.device, coslinear=args.coslinear,
+        width_mult=args.width_mult, depth_mult=args.depth_mult, s=args.s, amp=args.amp,
+        test_limit=args.test_limit, rank=ctx.rank, world_size=ctx.world_size)
     # The seed's conventions (SPEC §4/§5), as torchscope/count.py prints them by default.
     counted = count_model(net.cpu().float().to(memory_format=torch.contiguous_format), mul_factor=0.5)
     scores = counted.scores()
     return {"top1": r["top1"], "top5": r["top5"], "correct": r["correct"], "total": r["total"],
             "params": counted.total_params, "madds": counted.madds(0.5), "madds_mf1": counted.madds(1.0),
             "score": scores["freebie"]["score"], "score_full": scores["full"]["score"],
-            "reached_80": r["total"] == 10000 and r["top1"] >= 80.0}
+            "reached_80": r["reached_80"]}
 
 
 def report(args, stages, final):

@@ -10,18 +10,10 @@ import argparse
 import json
 import sys
 
-
-import data
-import models
-from engine import checkpoint, speed
 from engine.cli import add_data_args, add_model_args, positive_float, positive_int
 from engine.distributed import pick_device
 from engine.errors import UserError, run_main
-from engine.evaluate import evaluate
-from loss import make_criterion
-
-CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
-
+from engine.evaluate import evaluate_checkpoint
 
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
@@ -41,21 +33,12 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    device = pick_device(args.device)
-    args.channels_last, args.compile, args.fused_optimizer = None, False, None
-    speed.resolve(args, device)
-    model = models.create(args.model, coslinear=args.coslinear, width_mult=args.width_mult,
-                          depth_mult=args.depth_mult)
-    meta = checkpoint.load_weights(model, args.model_state_file)
-    model.to(device=device, memory_format=speed.memory_format(args))
-    images, labels = data.load_cifar100(args.data_dir, train=False, download=not args.no_download)
-    images, labels = data.subset(images, labels, args.test_limit)
-    loader = data.EvalLoader(images, labels, args.batch_size, device=device,
-                             memory_format=speed.memory_format(args))
-    criterion = make_criterion(args.coslinear, args.s)
-    r = evaluate(model, loader, criterion, speed.autocast(args, device), tta=args.tta)
-    r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta,
-             reached_80=r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR)
+    r, _, meta = evaluate_checkpoint(
+        args.model, args.model_state_file, args.data_dir, pick_device(args.device),
+        coslinear=args.coslinear, width_mult=args.width_mult, depth_mult=args.depth_mult, s=args.s,
+        amp=args.amp, batch_size=args.batch_size, test_limit=args.test_limit, tta=args.tta,
+        download=not args.no_download)
+    r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta)
     trained = meta.get("epoch")
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "

@@ -539,11 +539,16 @@ def save_partial(run_state, epoch, next_step, sums, seconds):
     if not ctx.is_main:
         return
     partial = {"sums": sums.detach().cpu(), "seconds": seconds, "rng": rngs}
-    state = training_state(run_state, epoch, next_step, partial)
-    checkpoint.save_atomic(state, os.path.join(run_state["folder"], "last.pytar"))
-    runs.write_text_atomic(os.path.join(run_state["folder"], "status.json"),
-                           json.dumps({"next_epoch": epoch, "next_step": next_step, "finished": False,
-                                       "best": run_state["best"]}) + "\n")
+    save_last(run_state["folder"], training_state(run_state, epoch, next_step, partial))
+
+
+def save_last(folder, state):
+    """last.pytar, then status.json from the same position (read by --resume auto and chain.py)."""
+    checkpoint.save_atomic(state, os.path.join(folder, "last.pytar"))
+    t = state["train"]
+    runs.write_text_atomic(os.path.join(folder, "status.json"), json.dumps(
+        {"next_epoch": t["next_epoch"], "next_step": t["next_step"], "finished": state["finished"],
+         "best": t["best"]}) + "\n")
 
 
 def save_epoch(run_state, epoch, epochs, is_best, test):
@@ -558,11 +563,7 @@ def save_epoch(run_state, epoch, epochs, is_best, test):
     if is_best:
         checkpoint.save_atomic(checkpoint.weights_file(net, epoch=epoch, test=test, args=args.model),
                                os.path.join(folder, "model_best.pytar"))
-    checkpoint.save_atomic(training_state(run_state, epoch + 1, 0, finished=finished),
-                           os.path.join(folder, "last.pytar"))
-    runs.write_text_atomic(os.path.join(folder, "status.json"),
-                           json.dumps({"next_epoch": epoch + 1, "next_step": 0, "finished": finished,
-                                       "best": run_state["best"]}) + "\n")
+    save_last(folder, training_state(run_state, epoch + 1, 0, finished=finished))
     runs.write_metrics(folder, run_state["history"], bool(args.label_refinery_model))
     runs.draw_curves(os.path.join(folder, "curves.png"), run_state["history"], os.path.basename(folder))
 

@@ -1,7 +1,16 @@
 """Evaluation on hard labels: loss, top-1, top-5, correct count, and teacher agreement."""
+import argparse
+
 import torch
 
+import data
+import models
+from loss import make_criterion
+
+from . import checkpoint, speed
 from .distributed import all_reduce_sum
+
+CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
 
 
 @torch.inference_mode()
@@ -39,3 +48,24 @@ def evaluate(model, loader, criterion, autocast, teacher=None, tta=False, keep_m
     if teacher is not None:
         result["agreement"] = 100.0 * agree / n
     return result
+
+
+def evaluate_checkpoint(model_name, path, data_dir, device, *, coslinear=True, width_mult=None,
+                        depth_mult=None, s=5.0, amp=None, batch_size=1000, test_limit=None, tta=False,
+                        download=False, rank=0, world_size=1):
+    """test.py's figures for a checkpoint file: (result with reached_80, the loaded model, file meta).
+
+    Inference runs as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU."""
+    fast = argparse.Namespace(amp=amp, channels_last=None, compile=False, fused_optimizer=None)
+    speed.resolve(fast, device)
+    fmt = speed.memory_format(fast)
+    model = models.create(model_name, coslinear=coslinear, width_mult=width_mult, depth_mult=depth_mult)
+    meta = checkpoint.load_weights(model, path)
+    model.to(device=device, memory_format=fmt)
+    images, labels = data.load_cifar100(data_dir, train=False, download=download)
+    images, labels = data.subset(images, labels, test_limit)
+    loader = data.EvalLoader(images, labels, batch_size, device=device, rank=rank, world_size=world_size,
+                             memory_format=fmt)
+    r = evaluate(model, loader, make_criterion(coslinear, s), speed.autocast(fast, device), tta=tta)
+    r["reached_80"] = r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR
+    return r, model, meta
