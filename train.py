@@ -413,6 +413,13 @@ def _probe_eval(compiled, loader, autocast):
         compiled(x)
 
 
+def nan_check_every(args, device):
+    """Steps between reads of the on-device non-finite-loss counter. A read waits for the device,
+    so on a GPU it happens once per log interval; on the CPU (where it is free) and under
+    --nan-policy skip (which must decide before each update), every step."""
+    return 1 if device.type == "cpu" or args.nan_policy == "skip" else args.log_interval
+
+
 def train_epoch(model, net, objective, criterion, autocast, optimizer, scaler, loader, epoch, epochs,
                 first_step, partial, run_state, stop):
     """One epoch from `first_step`; returns (stats, stopped). Nothing syncs with the host per step,
@@ -430,7 +437,7 @@ def train_epoch(model, net, objective, criterion, autocast, optimizer, scaler, l
         elapsed = partial["seconds"]
     model.train()
     loader.set_epoch(epoch)
-    check_every = 1 if device.type == "cpu" or args.nan_policy == "skip" else args.log_interval
+    check_every = nan_check_every(args, device)
     bar = None
     if ctx.is_main and not args.no_progress and sys.stdout.isatty():
         from tqdm import tqdm

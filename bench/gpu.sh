@@ -13,6 +13,8 @@
 #              images of the right shapes. Speeds stay valid; the training run's accuracy is then
 #              meaningless, and summary.md says so.
 # 2. data bench   bench/data.py on cuda: our augmentation against torchvision's (2 workers).
+# 2b. syncs      bench/sync_check.py: a short eager train.py run under CUDA's sync debug mode, listing
+#              every host synchronisation inside the epoch loop by source line.
 # 3. step bench   bench/step.py for b0, b3, ex, exx at batch 256 and 512, modes eager-fp32 and all,
 #              plus the refined step (teacher = its chain teacher) in all and eager-fp32; peak
 #              memory of each model at batch 128 (eager-fp32, all-eager; ex also all). These run as
@@ -30,7 +32,7 @@
 # the training run's checkpoints stay there too.
 #
 # Knobs: PYTHON, BENCH_BUDGET_S, BENCH_DEVICE (cuda), BENCH_MODELS, BENCH_BATCHES ("256 512"),
-# BENCH_MEM_BATCH (128), BENCH_STEP_ARGS, BENCH_PARALLEL (1; 0 runs the step benches one by one).
+# BENCH_MEM_BATCH (128), BENCH_STEP_ARGS, BENCH_SYNC_ARGS, BENCH_PARALLEL (1; 0 runs the step benches one by one).
 # BENCH_SMOKE=1 runs the whole script on a CPU with tiny models and data, to check its plumbing.
 set -uo pipefail  # no -e: a part that fails or times out must not stop the parts after it
 
@@ -49,6 +51,7 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   : "${BENCH_TRAIN_ARGS:=--device cpu --width-mult 0.1 --depth-mult 0.1 --train-limit 256 --test-limit 200 --batch-size 64}"
   : "${BENCH_DATA_ARGS:=--device cpu --limit 2000 --seconds 4 --rounds 1 --batch-size 128}"
   : "${BENCH_ETA_ARGS:=--any-width}"
+  : "${BENCH_SYNC_ARGS:=--width-mult 0.1 --depth-mult 0.1 --train-limit 256 --test-limit 100 --batch-size 32}"
 fi
 BUDGET=${BENCH_BUDGET_S:-460}
 DEADLINE=$((T0 + BUDGET))
@@ -61,6 +64,7 @@ MODEL_ARGS=${BENCH_MODEL_ARGS:-}
 TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
 DATA_ARGS=${BENCH_DATA_ARGS:---device $DEVICE --batch-size 512 --seconds 16 --rounds 2}
 ETA_ARGS=${BENCH_ETA_ARGS:-}
+SYNC_ARGS=${BENCH_SYNC_ARGS:-}
 PARALLEL=${BENCH_PARALLEL:-1}
 ALL=${BENCH_ALL_MODE:-all}  # the everything-on mode; all-eager where torch.compile is too slow (CPU)
 WORK=${WORK:-${TMPDIR:-/tmp}/micronet-bench-$$}
@@ -129,6 +133,16 @@ phase data-bench "$(cap_for 50 "$(pct 73)")" "$WORK/logs/data-bench.log" "$PY" b
   --json "$WORK/data.json" $DATA_ARGS
 cat "$WORK/logs/data-bench.log" | grep -v '^\[data\]'
 
+
+# ---------------------------------------------------------------- 2b. host synchronisations
+# A short eager run of train.py under torch.cuda.set_sync_debug_mode("warn"): every wait for the
+# device inside the epoch loop, by source line (expected: the non-finite check, once per interval).
+# shellcheck disable=SC2086
+phase sync-check "$(cap_for 40 "$(pct 70)")" "$WORK/logs/sync-check.log" "$PY" bench/sync_check.py \
+  --json "$WORK/sync.json" -- --device "$DEVICE" --model efficientnet_ex --data_dir "$DATA" --no-download \
+  --train-limit 5000 --test-limit 1000 --batch-size 256 --epochs 1 --log-interval 10 --no-compile \
+  --save "$WORK/sync-runs" $SYNC_ARGS
+grep -A 20 '^host synchronisations' "$WORK/logs/sync-check.log"
 
 # ---------------------------------------------------------------- 3. step and memory benches
 short() { echo "${1#efficientnet_}"; }
@@ -235,7 +249,7 @@ timeout 30 "$PY" bench/summary.py "$WORK" $ETA_ARGS ${RUN:+--train-run "$RUN"} -
   --notes "$WORK/notes.md" --title "GPU benchmark ($DEVICE), $(date -u +%Y-%m-%d)" --out "$OUTDIR/summary.md" \
   --results-json "$OUTDIR/results.json" >/dev/null
 [ -n "$RUN" ] && cp "$RUN"/metrics.csv "$RUN"/log.txt "$WORK/logs/" 2>/dev/null
-tar -czf "$OUTDIR/raw.tar.gz" -C "$WORK" --exclude=cifar100 --exclude=inductor-cache --exclude=runs \
+tar -czf "$OUTDIR/raw.tar.gz" -C "$WORK" --exclude=cifar100 --exclude=inductor-cache --exclude=runs --exclude=sync-runs \
   --exclude=gpu.lock . 2>/dev/null
 say "done in $(( $(date +%s) - T0 )) s; $OUTDIR: $(ls "$OUTDIR" | tr '\n' ' ')"
 cat "$OUTDIR/summary.md" 2>/dev/null | head -n 80

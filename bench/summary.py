@@ -63,6 +63,17 @@ def data_section(docs):
     return "\n\n".join(out)
 
 
+def sync_section(docs):
+    out = []
+    for d in (d for d in docs if d["bench"] == "sync_check"):
+        rows = [[where, str(n), f"{n / max(d['steps'], 1):.3f}"] for where, n in
+                sorted(d["syncs"].items(), key=lambda kv: -kv[1])] or [["(none)", "0", "0"]]
+        out.append(f"{d['syncs_total']} in {d['steps']} steps on {d['device']} (the non-finite check runs "
+                   f"every {d.get('nan_check_every', '?')} steps; detector: {d['detector']}):\n\n"
+                   + markdown_table(["where", "syncs", "per step"], rows))
+    return "\n\n".join(out)
+
+
 def _model_label(d):
     full = eta_mod.FULL_SIZE.get(d["model"]) == (d.get("width_mult"), d.get("depth_mult"))
     name = eta_mod.SHORT.get(d["model"], d["model"])
@@ -164,6 +175,7 @@ def build(paths, train_run=None, title="Benchmark results", train_info=None, ext
     parts = [f"# {title}", environment_section(docs)]
     for head, body in (("Data pipeline", data_section(docs)), ("Train and eval step", step_section(docs)),
                        ("Peak memory (MB)", memory_section(docs)),
+                       ("Host synchronisations in the epoch loop", sync_section(docs)),
                        ("Training run", train_section(train_run, train_info) if train_run or train_info else ""),
                        ("Whole-chain ETA at these speeds", eta_section(docs, any_width) if eta else "")):
         if body:

@@ -183,10 +183,10 @@ def _crop_grid(top, left, h, w, in_hw, out_hw, dtype, flip=None):
     return grid
 
 
-def _interp_matrix(start, length, out, full, dtype, flip=None, buf=None):
+def _interp_matrix(start, length, out, full, dtype, flip=None):
     """Per-sample bilinear interpolation matrices [..., B, out, full] for one axis (two taps a row,
     weights summing to 1), rows reversed where `flip` (shaped like start) is true. start/length
-    are [..., B] (a leading dim stacks axes of equal size); written into `buf` when given."""
+    are [..., B] (a leading dim stacks axes of equal size)."""
     src = _source_coords(start.reshape(-1), length.reshape(-1), out, dtype)
     src = src.view(*start.shape, out)
     if flip is not None:
@@ -194,9 +194,35 @@ def _interp_matrix(start, length, out, full, dtype, flip=None, buf=None):
     i0 = src.floor()
     frac = (src - i0)[..., None]
     i0 = i0.long()[..., None]
-    m = torch.zeros(*src.shape, full, device=src.device, dtype=dtype) if buf is None else buf.zero_()
+    m = torch.zeros(*src.shape, full, device=src.device, dtype=dtype)
     m.scatter_add_(-1, i0, 1 - frac)
     return m.scatter_add_(-1, (i0 + 1).clamp_(max=full - 1), frac)
+
+
+_INTERP_TABLES = {}  # (size, dtype, device) -> every crop's interpolation matrix, made once
+
+
+def _interp_table(size, dtype, device):
+    """`_interp_matrix` for every (flip, start, length) of a `size`-pixel axis resized to itself, as
+    [2 * size * (size + 1), size, size] rows at (flip * size + start) * (size + 1) + length (impossible
+    crops are zeros). Copying a batch's matrices out of it is one contiguous gather, several times
+    cheaper on the CPU than building them (8.6 MB for 32 pixels)."""
+    key = (size, dtype, torch.device(device))
+    if key not in _INTERP_TABLES:
+        flip, start, length = torch.meshgrid(torch.arange(2), torch.arange(size), torch.arange(size + 1),
+                                             indexing="ij")
+        flip, start, length = flip.reshape(-1), start.reshape(-1), length.reshape(-1)
+        valid = (length >= 1) & (start + length <= size)
+        table = torch.zeros(len(flip), size, size, dtype=dtype)
+        table[valid] = _interp_matrix(start[valid], length[valid], size, size, dtype, flip[valid].bool())
+        _INTERP_TABLES[key] = table.to(device)
+    return _INTERP_TABLES[key]
+
+
+def _table_rows(start, length, size, flip=None):
+    """Row numbers of `_interp_table(size, ...)` for per-sample crops along one axis."""
+    row = start * (size + 1) + length
+    return row if flip is None else row + flip.long() * (size * (size + 1))
 
 
 def _separable_resized_crop(x, top, left, h, w, flip=None, bufs=None, before=None, chunk=None):
@@ -218,10 +244,12 @@ def _separable_resized_crop(x, top, left, h, w, flip=None, bufs=None, before=Non
         bufs.update(key=key, t=x.new_empty(B, W, C * H, dtype=dtype),
                     r=x.new_empty(2, B, H, H, dtype=dtype) if H == W else None)
     get = (lambda k: None) if bufs is None else bufs.get
-    if H == W:  # both axes' matrices in one go
-        flips = None if flip is None else torch.stack((torch.zeros_like(flip), flip))
-        ry, rx = _interp_matrix(torch.stack((top, left)), torch.stack((h, w)), H, H, dtype, flips,
-                                buf=get("r"))
+    if H == W:  # both axes' matrices, looked up in one go
+        rows = torch.cat((_table_rows(top, h, H), _table_rows(left, w, W, flip)))
+        r = get("r")
+        r = x.new_empty(2, B, H, H, dtype=dtype) if r is None else r
+        ry, rx = torch.index_select(_interp_table(H, dtype, x.device), 0, rows, out=r.view(2 * B, H, H)
+                                    ).view(2, B, H, H)
     else:
         ry = _interp_matrix(top, h, H, H, dtype)         # [B, H', H]
         rx = _interp_matrix(left, w, W, W, dtype, flip)  # [B, W', W]
@@ -257,51 +285,89 @@ def random_resized_crop(x, scale, ratio, gen):
     return resized_crop(x, *crop_boxes(B, H, W, scale, ratio, gen))
 
 
-def hflip(x, p=0.5, *, gen):
-    """Mirror each sample left-right with probability p."""
-    flip = torch.rand(x.shape[0], generator=gen, device=x.device) < p
+def mirror(x, flip):
+    """Mirror left-right the samples where `flip` [B] is true."""
     return torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def pad_crop(x, pad=4, *, gen):
-    """Zero-pad by `pad` then take a random crop of the original size, per sample."""
+def hflip(x, p=0.5, *, gen):
+    """Mirror each sample left-right with probability p."""
+    return mirror(x, torch.rand(x.shape[0], generator=gen, device=x.device) < p)
+
+
+def shift_crop(x, dy, dx, pad=4):
+    """Zero-pad by `pad`, then crop the original size at offsets (dy, dx) [B] in 0..2*pad."""
     B, C, H, W = x.shape
     padded = F.pad(x, (pad, pad, pad, pad))
-    shift = torch.randint(0, 2 * pad + 1, (2, B), generator=gen, device=x.device)
-    rows = shift[0, :, None] + torch.arange(H, device=x.device)
-    cols = shift[1, :, None] + torch.arange(W, device=x.device)
+    rows = dy[:, None] + torch.arange(H, device=x.device)
+    cols = dx[:, None] + torch.arange(W, device=x.device)
     b = torch.arange(B, device=x.device).view(B, 1, 1, 1)
     c = torch.arange(C, device=x.device).view(1, C, 1, 1)
     return padded[b, c, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def make_augment(aug, device):
+def pad_crop(x, pad=4, *, gen):
+    """Zero-pad by `pad` then take a random crop of the original size, per sample."""
+    shift = torch.randint(0, 2 * pad + 1, (2, x.shape[0]), generator=gen, device=x.device)
+    return shift_crop(x, shift[0], shift[1], pad)
+
+
+_SEED_TABLES = {}  # device -> _SEED_TABLE as a tensor, made once
+
+
+def _seed_table(device):
+    key = torch.device(device)
+    if key not in _SEED_TABLES:
+        _SEED_TABLES[key] = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)
+    return _SEED_TABLES[key]
+
+
+def draw(aug, copy_id, gen, height=32, width=32):
+    """Every random choice recipe `aug` makes for samples of copies `copy_id` [N] (on gen's
+    device), as a tuple of [N] tensors; slicing each gives a sub-batch's draws. Quantities are
+    drawn in a fixed order: seed: jitter factors, crop boxes, flips; standard: shifts, flips.
+
+    Drawing a whole epoch's worth at once costs a few dozen small ops per epoch instead of per
+    batch: on the CPU that was 1.2 us of a 17 us image, on a GPU ~100 kernel launches a batch.
+    """
+    copies(aug)
+    n, dev = copy_id.shape[0], gen.device
+    if aug == "none":
+        return ()
+    if aug == "standard":
+        shift = torch.randint(0, 9, (2, n), generator=gen, device=dev)
+        return shift[0], shift[1], torch.rand(n, generator=gen, device=dev) < 0.5
+    p = _seed_table(dev).index_select(0, copy_id)
+    factors = jitter_params(n, p[:, 0], p[:, 1], gen)
+    boxes = crop_boxes(n, height, width, p[:, 2:4], p[:, 4:6], gen)
+    return (*factors, *boxes, torch.rand(n, generator=gen, device=dev) < 0.5)
+
+
+def apply(aug, x, params):
+    """Recipe `aug` on float images x [B,3,H,W] in [0,1] with its draws `params` (see `draw`)."""
+    copies(aug)
+    if aug == "none":
+        return x
+    if aug == "standard":
+        dy, dx, flip = params
+        return mirror(shift_crop(x, dy, dx, 4), flip)
+    return _seed(x, params).contiguous()
+
+
+def make_augment(aug):
     """The recipe `aug` as a function (x, copy_id, gen) -> x, where copy_id [B] says which copy of
     the training set each sample belongs to (always 0 for one-copy recipes)."""
     copies(aug)
-    if aug == "none":
-        return lambda x, copy_id, gen: x
-    if aug == "standard":
-        return lambda x, copy_id, gen: hflip(pad_crop(x, 4, gen=gen), 0.5, gen=gen)
-    table = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)  # built once, not per batch
-
-    def seed(x, copy_id, gen):
-        return _seed(x, copy_id, gen, table).contiguous()
-
-    return seed
+    return lambda x, copy_id, gen: apply(aug, x, draw(aug, copy_id, gen, *x.shape[-2:]))
 
 
-def _seed(x, copy_id, gen, table, in_scale=1.0, norm=None, bufs=None, chunk=None, separable=None):
-    """The seed recipe in a few passes: jitter (two per-sample affine maps, with normalisation
-    folded into the second), then crop, resize and flip together (two matmuls on the CPU, producing
-    channels_last; one grid_sample elsewhere). x is float in [0, 1/in_scale], left untouched, or
-    uint8 (converted to float here). Random draws happen in the order jitter, crop boxes, flip.
-    `separable` picks the matmul crop (default: on the CPU) over grid_sample."""
-    B, _, H, W = x.shape
-    p = table.index_select(0, copy_id)
-    bf, cf, first = jitter_params(B, p[:, 0], p[:, 1], gen)
-    boxes = crop_boxes(B, H, W, p[:, 2:4], p[:, 4:6], gen)
-    flip = torch.rand(B, generator=gen, device=x.device) < 0.5
+def _seed(x, params, in_scale=1.0, norm=None, bufs=None, chunk=None, separable=None):
+    """The seed recipe with draws `params` in a few passes: jitter (two per-sample affine maps,
+    with normalisation folded into the second), then crop, resize and flip together (two matmuls
+    on the CPU, producing channels_last; one grid_sample elsewhere). x is float in
+    [0, 1/in_scale], left untouched, or uint8 (converted to float here). `separable` picks the
+    matmul crop (default: on the CPU) over grid_sample."""
+    bf, cf, first, *boxes, flip = params
     plan = _jitter_plan(bf, cf, first, in_scale, norm)
     if not (x.device.type == "cpu" if separable is None else separable):
         # On CUDA grid_sample stays: matmuls there may run in TF32.
@@ -326,17 +392,17 @@ def _seed(x, copy_id, gen, table, in_scale=1.0, norm=None, bufs=None, chunk=None
                                    before=jitter, chunk=chunk)
 
 
-_CPU_CHUNK = 128  # samples per slice: jitter then resize each slice while it is in cache (L2)
+_CPU_CHUNK = 128  # samples per slice and thread: jitter then resize each slice while it is in cache
 
 
 def make_seed_pipeline(device, mean, std, memory_format=torch.contiguous_format):
     """The seed recipe from uint8 images to normalised float ones, as a function
-    (images_u8 [B,3,H,W], copy_id, gen) -> (x / 255 augmented - mean) / std in `memory_format`.
+    (images_u8 [B,3,H,W], params) -> (x / 255 augmented - mean) / std in `memory_format`, where
+    params are the batch's draws (`draw("seed", ...)`).
 
-    Equal (up to float rounding) to normalising make_augment("seed")'s output, with the same draws,
-    but the /255 and the normalisation ride along in passes the augmentation makes anyway.
+    Equal (up to float rounding) to normalising apply("seed", x / 255, params), but the /255 and
+    the normalisation ride along in passes the augmentation makes anyway.
     """
-    table = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)
     mean_t = torch.tensor(mean, dtype=torch.float32, device=device)
     std_t = torch.tensor(std, dtype=torch.float32, device=device)
     lo = [-m / s for m, s in zip(mean, std)]
@@ -346,9 +412,11 @@ def make_seed_pipeline(device, mean, std, memory_format=torch.contiguous_format)
     # on every batch there. The result is still a new tensor each time.
     bufs = {"crop": {}}
 
-    def pipeline(images_u8, copy_id, gen):
-        x = _seed(images_u8, copy_id, gen, table, in_scale=1 / 255, norm=norm, bufs=bufs,
-                  chunk=_CPU_CHUNK)
+    def pipeline(images_u8, params):
+        # Slices grow with the thread count: each op's work is split across the threads, and
+        # slices of 128 per thread measured 10% faster at 2 threads than 128 in all.
+        x = _seed(images_u8, params, in_scale=1 / 255, norm=norm, bufs=bufs,
+                  chunk=_CPU_CHUNK * torch.get_num_threads())
         return x.contiguous(memory_format=memory_format)
 
     return pipeline

@@ -1,9 +1,10 @@
 """Device-resident loaders: uint8 data lives on the device, batches are gathered and augmented there.
 
-All training randomness is a pure function of (seed, epoch, step, rank): the epoch permutation comes
-from a generator seeded by hash(seed, epoch), each batch's augmentation from one seeded by
-hash(seed, epoch, step, rank). A run resumed at any step therefore sees bit-identical batches without
-saving any RNG state.
+All training randomness is a pure function of (seed, epoch, rank) and the position in the epoch: the
+epoch permutation comes from a generator seeded by hash(seed, epoch), the augmentation's draws for
+all of a rank's samples of the epoch from one seeded by hash(seed, epoch, rank), made at once when
+the epoch starts. A run resumed at any step therefore sees bit-identical batches without saving any
+RNG state.
 """
 import hashlib
 import math
@@ -12,7 +13,8 @@ import torch
 
 from engine.errors import UserError
 
-from .augment import copies, make_augment, make_seed_pipeline
+from . import augment
+from .augment import copies, make_seed_pipeline
 from .cifar import MEAN, STD
 
 
@@ -85,7 +87,7 @@ class TrainLoader:
         if self.per_rank == 0:
             raise UserError(f"{self.n} training samples cannot be split over {world_size} ranks; "
                             f"raise --train-limit or use fewer ranks")
-        self._augment = make_augment(aug, self.device)
+        self.aug = aug
         self._normalise = _Normalise(self.device, memory_format)
         # seed: uint8 -> normalised output in one fused pipeline (the /255 and normalisation ride
         # along in the augmentation's own passes).
@@ -93,7 +95,7 @@ class TrainLoader:
                        else None)
         self._gen = torch.Generator(device=self.device)
         self._gathered = None
-        self.epoch, self._shard = 0, None
+        self.epoch, self._shard, self._draws = 0, None, None
 
     def __len__(self):
         div = self.per_rank // self.batch_size
@@ -101,7 +103,7 @@ class TrainLoader:
 
     def set_epoch(self, epoch):
         if int(epoch) != self.epoch:
-            self.epoch, self._shard = int(epoch), None
+            self.epoch, self._shard, self._draws = int(epoch), None, None
 
     def indices(self):
         """This rank's epoch-space indices for the current epoch, in batch order ([per_rank], on device)."""
@@ -112,6 +114,15 @@ class TrainLoader:
             shard = perm[self.rank:self.per_rank * self.world_size:self.world_size]
             self._shard = shard.to(self.device)
         return self._shard
+
+    def draws(self):
+        """This rank's augmentation draws for the current epoch, one per sample in batch order."""
+        if self._draws is None:
+            # manual_seed only resets the generator's state, so this never waits for the device.
+            self._gen.manual_seed(derive_seed("aug", self.seed, self.epoch, self.rank))
+            copy_id = torch.div(self.indices(), self.n, rounding_mode="floor")
+            self._draws = augment.draw(self.aug, copy_id, self._gen, *self.images.shape[2:])
+        return self._draws
 
     def iterate(self, start_step=0):
         """Batches of the current epoch from `start_step` on; equal to the tail of a full pass."""
@@ -124,15 +135,13 @@ class TrainLoader:
         return self.iterate(0)
 
     def _batches(self, start_step):
-        shard, bs = self.indices(), self.batch_size
+        shard, draws, bs = self.indices(), self.draws(), self.batch_size
         for step in range(start_step, len(self)):
-            yield self._batch(shard[step * bs:(step + 1) * bs], step)
+            part = slice(step * bs, (step + 1) * bs)
+            yield self._batch(shard[part], tuple(d[part] for d in draws))
 
-    def _batch(self, idx, step):
-        # manual_seed only resets the generator's state, so this never waits for the device.
-        self._gen.manual_seed(derive_seed("aug", self.seed, self.epoch, step, self.rank))
+    def _batch(self, idx, draws):
         src = torch.remainder(idx, self.n)
-        copy_id = torch.div(idx, self.n, rounding_mode="floor")
         if self.device.type == "cpu":
             # The gathered uint8 batch is consumed within this call, so on the CPU one buffer serves
             # every batch (a fresh allocation of this size costs page faults there).
@@ -142,8 +151,8 @@ class TrainLoader:
         else:
             images = self.images.index_select(0, src)
         if self._fused is not None:
-            return self._fused(images, copy_id, self._gen), self.labels.index_select(0, src)
-        x = self._augment(self._normalise.unit(images), copy_id, self._gen)
+            return self._fused(images, draws), self.labels.index_select(0, src)
+        x = augment.apply(self.aug, self._normalise.unit(images), draws)
         return self._normalise(x), self.labels.index_select(0, src)
 
 

@@ -275,3 +275,47 @@ def test_memory_estimate_matches_the_seed_readme():
     assert g["fp32_gb"] == pytest.approx(42.61 * 128 / 1024, rel=1e-3)
     assert g["bf16_gb"] == pytest.approx(g["fp32_gb"] / 2)
     assert 0 < g["checkpoint_fp32_gb"] < g["fp32_gb"] / 4
+
+
+# ---------------------------------------------------------------- sync_check.py
+
+
+def _nan_check_line():
+    with open(os.path.join(ROOT, "train.py")) as f:
+        lines = [i for i, text in enumerate(f, 1) if "if int(bad_steps)" in text]
+    assert len(lines) == 1
+    return f"train.py:{lines[0]}"
+
+
+def test_sync_check_sees_only_the_per_interval_check(tmp_path, synthetic_dir, monkeypatch):
+    from bench import sync_check
+    import train
+    argv = ["--device", "cpu", "--model", "efficientnet_ex", *TINY, "--data_dir", synthetic_dir,
+            "--train-limit", "200", "--test-limit", "50", "--batch-size", "32", "--epochs", "1",
+            "--log-interval", "4", "--save", str(tmp_path / "runs")]
+    out = tmp_path / "sync.json"
+    assert sync_check.main(["--json", str(out), "--", *argv]) == 0
+    doc = json.loads(out.read_text())
+    steps = doc["steps"]
+    assert steps == 19  # 600 samples / 32
+    # The GPU cadence: one read of the non-finite counter every 4 steps and at the last step.
+    assert doc["syncs"] == {_nan_check_line(): steps // 4 + 1}
+    assert train.nan_check_every.__module__ == "train"  # restored after the run
+
+    # A stray .item() in the step is caught, by line.
+    make = train.make_criterion
+
+    def chatty(*a, **k):
+        criterion = make(*a, **k)
+
+        def loss(out, y):
+            value = criterion(out, y)
+            value.item()  # the stall the check exists to find
+            return value
+        return loss
+
+    monkeypatch.setattr(train, "make_criterion", chatty)
+    assert sync_check.main(["--json", str(out), "--", *argv]) == 0
+    syncs = json.loads(out.read_text())["syncs"]
+    stray = [k for k in syncs if k.startswith("tests/test_bench.py:")]
+    assert len(stray) == 1 and syncs[stray[0]] == steps

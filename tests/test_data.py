@@ -11,6 +11,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
 import data
+from data import augment
 from data import (AUG_RECIPES, MEAN, STD, EvalLoader, TrainLoader, color_jitter, copies, crop_boxes,
                   hflip, jitter_params, load_cifar100, make_augment, pad_crop, random_resized_crop,
                   resized_crop, subset)
@@ -311,12 +312,12 @@ def test_recipes_and_copies():
     with pytest.raises(UserError, match="seed, standard, none"):
         copies("autoaugment")
     x = images(32)
-    assert torch.equal(make_augment("none", "cpu")(x, torch.zeros(32, dtype=torch.long), gen()), x)
+    assert torch.equal(make_augment("none")(x, torch.zeros(32, dtype=torch.long), gen()), x)
 
 
 def test_standard_recipe_is_shift_and_flip():
     x = images(64)
-    y = make_augment("standard", "cpu")(x, torch.zeros(64, dtype=torch.long), gen())
+    y = make_augment("standard")(x, torch.zeros(64, dtype=torch.long), gen())
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     for i in range(64):
         views = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
@@ -324,7 +325,7 @@ def test_standard_recipe_is_shift_and_flip():
 
 
 def test_seed_recipe_applies_each_copys_ops():
-    aug = make_augment("seed", "cpu")
+    aug = make_augment("seed")
     n = 256
     # Copy 0: jitter + flip only, so each image is an exact affine map of itself or its mirror.
     x = images(n, lo=0.35, hi=0.65)
@@ -347,7 +348,7 @@ def test_seed_recipe_applies_each_copys_ops():
 
 
 def test_augment_is_reproducible():
-    aug = make_augment("seed", "cpu")
+    aug = make_augment("seed")
     x, copy_id = images(64), torch.arange(64) % 3
     assert torch.equal(aug(x, copy_id, gen(7)), aug(x, copy_id, gen(7)))
     assert not torch.equal(aug(x, copy_id, gen(7)), aug(x, copy_id, gen(8)))
@@ -451,6 +452,31 @@ def test_train_ddp_shards_are_disjoint_and_cover_the_permutation(n):
     assert torch.equal(torch.stack(shards, 1).flatten(), single.indices()[:len(both)])
 
 
+@pytest.mark.parametrize("aug", ["seed", "standard"])
+def test_train_draws_belong_to_samples_not_batches(aug):
+    # A sample's augmentation depends on (seed, epoch, rank, position in the epoch) only, so the
+    # batch size changes how an epoch is cut, never what it holds.
+    x, y = fake_data()
+    runs = []
+    for bs in (64, 100):
+        loader = TrainLoader(x, y, bs, aug=aug, seed=6)
+        loader.set_epoch(3)
+        xs, ys = zip(*collect(loader))
+        runs.append((torch.cat(xs), torch.cat(ys)))
+    assert torch.equal(runs[0][1], runs[1][1])
+    torch.testing.assert_close(runs[0][0], runs[1][0], atol=1e-5, rtol=0)
+    # ... and each batch is the recipe applied with the draws of its slice of the epoch.
+    loader = TrainLoader(x, y, 64, aug=aug, seed=6)
+    loader.set_epoch(3)
+    draws = loader.draws()
+    assert all(len(d) == loader.per_rank for d in draws)
+    part = slice(128, 192)
+    xb, yb = collect(loader)[2]
+    ref = augment.apply(aug, x[yb].float() / 255, tuple(d[part] for d in draws))
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(xb, (ref - mean) / std, atol=1e-4, rtol=0)
+
+
 def test_train_ranks_and_steps_draw_different_augmentation():
     # Identical images, so any difference between batches comes from the augmentation draws.
     x = torch.full((400, 3, 32, 32), 128, dtype=torch.uint8)
@@ -523,25 +549,41 @@ def test_flip_folded_into_crop_matches_crop_then_flip():
     assert torch.equal(_separable_resized_crop(x, *full, flip=flip), mirrored)
 
 
+def test_interpolation_table_rows_are_the_built_matrices():
+    from data.augment import _interp_matrix, _interp_table, _table_rows
+    table = _interp_table(32, torch.float32, "cpu")
+    assert table.shape == (2 * 32 * 33, 32, 32)
+    top, left, h, w = crop_boxes(200, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen(8))
+    flip = torch.rand(200, generator=gen(9)) < 0.5
+    assert torch.equal(table[_table_rows(left, w, 32, flip)], _interp_matrix(left, w, 32, 32, torch.float32, flip))
+    assert torch.equal(table[_table_rows(top, h, 32)], _interp_matrix(top, h, 32, 32, torch.float32))
+    # Every row of a possible crop sums to 1; impossible crops (length 0, or past the edge) are zeros.
+    start, length = torch.tensor([0, 31, 5, 20]), torch.tensor([32, 1, 0, 13])
+    sums = table[_table_rows(start, length, 32)].sum(-1)
+    torch.testing.assert_close(sums[:2], torch.ones(2, 32))
+    assert not sums[2:].any()
+
+
 @pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
 def test_seed_pipeline_equals_unit_augment_normalise(memory_format):
-    from data.augment import make_seed_pipeline
+    from data.augment import draw, make_seed_pipeline
     u8 = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
     copy_id = torch.arange(300) % 3
     pipe = make_seed_pipeline("cpu", MEAN, STD, memory_format)
-    out = pipe(u8, copy_id, gen(4))
-    ref = make_augment("seed", "cpu")(u8.float() / 255, copy_id, gen(4))
+    out = pipe(u8, draw("seed", copy_id, gen(4)))
+    ref = make_augment("seed")(u8.float() / 255, copy_id, gen(4))
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
     torch.testing.assert_close(out, (ref - mean) / std, atol=1e-4, rtol=0)
     assert out.is_contiguous(memory_format=memory_format)
     # Reused work buffers never leak into results: a second call leaves the first result alone,
     # and a different batch size works too.
     kept = out.clone()
-    pipe(u8.flip(0), copy_id, gen(5))
+    pipe(u8.flip(0), draw("seed", copy_id, gen(5)))
     assert torch.equal(out, kept)
-    assert torch.equal(pipe(u8, copy_id, gen(4)), kept)
+    assert torch.equal(pipe(u8, draw("seed", copy_id, gen(4))), kept)
     fresh = make_seed_pipeline("cpu", MEAN, STD, memory_format)
-    assert torch.equal(pipe(u8[:37], copy_id[:37], gen(4)), fresh(u8[:37], copy_id[:37], gen(4)))
+    few = draw("seed", copy_id[:37], gen(4))
+    assert torch.equal(pipe(u8[:37], few), fresh(u8[:37], few))
 
 
 def test_seed_loader_batches_are_independent_tensors():
@@ -559,14 +601,14 @@ def test_seed_loader_batches_are_independent_tensors():
 @pytest.mark.parametrize("u8", [False, True])
 def test_seed_matmul_crop_matches_grid_sample_path(u8):
     # The CPU's matmul crop and the grid_sample one used on CUDA give the same images.
-    from data.augment import _SEED_TABLE, _seed
-    table = torch.tensor(_SEED_TABLE)
+    from data.augment import _seed, draw
     x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
     x = x if u8 else x.float() / 255
     scale = 1 / 255 if u8 else 1.0
     copy_id = torch.arange(96) % 3
-    grid = _seed(x, copy_id, gen(3), table, in_scale=scale, separable=False)
-    mat = _seed(x, copy_id, gen(3), table, in_scale=scale, bufs={"crop": {}}, chunk=40, separable=True)
+    params = draw("seed", copy_id, gen(3))
+    grid = _seed(x, params, in_scale=scale, separable=False)
+    mat = _seed(x, params, in_scale=scale, bufs={"crop": {}}, chunk=40, separable=True)
     torch.testing.assert_close(mat, grid, atol=1e-5, rtol=0)
 
 
@@ -575,7 +617,7 @@ def test_seed_pipeline_makes_no_host_round_trips(separable):
     # No .item()/nonzero/host-made tensors per batch: on CUDA each would wait for the device.
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from data.augment import _SEED_TABLE, _seed
+    from data.augment import _seed, draw
 
     class Ops(TorchDispatchMode):
         seen = set()
@@ -584,11 +626,12 @@ def test_seed_pipeline_makes_no_host_round_trips(separable):
             self.seen.add(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
-    table = torch.tensor(_SEED_TABLE)
     u8 = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
     norm = (torch.tensor(MEAN), torch.tensor(STD), [0.0] * 3, [1.0] * 3)
-    _seed(u8, torch.arange(64) % 3, gen(), table, 1 / 255, norm, separable=separable)  # warm caches
+    params = draw("seed", torch.arange(64) % 3, gen())
+    _seed(u8, params, 1 / 255, norm, separable=separable)  # warm caches
     with Ops() as ops:
-        _seed(u8, torch.arange(64) % 3, gen(), table, 1 / 255, norm, {"crop": {}}, 16, separable)
+        _seed(u8, params, 1 / 255, norm, {"crop": {}}, 16, separable)
+        draw("seed", torch.arange(64) % 3, gen())
     assert "bmm" in ops.seen if separable else "grid_sampler_2d" in ops.seen
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "item"}

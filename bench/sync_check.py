@@ -1,0 +1,143 @@
+#!/usr/bin/env python
+"""Where does the training loop wait for the device? Runs train.py and lists every host
+synchronisation made inside train.py's epoch loop, by source line.
+
+    python bench/sync_check.py --json OUT.json -- --device cuda --epochs 1 --train-limit 20000 ...
+    python bench/sync_check.py -- --device cpu --model efficientnet_ex --width-mult 0.25 ...
+
+Everything after `--` goes to train.py unchanged. On CUDA the detector is PyTorch's own
+(torch.cuda.set_sync_debug_mode("warn"), which flags every blocking copy, .item(), nonzero and
+synchronize). On the CPU nothing ever waits, so the same calls are caught where they would wait on
+a GPU: the ops that read a tensor's value on the host (`.item()`, `bool(t)`, `int(t)`, nonzero,
+masked_select), seen through a TorchDispatchMode. (On the CPU a `.tolist()` or `.cpu()` is not an
+op and escapes that net; CUDA's detector sees them.)
+
+By design train.py reads the device once per log interval (the non-finite loss check) and at the
+end of the epoch; anything else is a stall to remove. On the CPU, where that check is free, train.py
+makes it every step; here the GPU's cadence is used unless --cpu-cadence is given.
+"""
+import os
+import sys
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+_ROOT = os.path.dirname(_HERE)
+sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+
+import argparse  # noqa: E402
+import collections  # noqa: E402
+import contextlib  # noqa: E402
+import traceback  # noqa: E402
+import warnings  # noqa: E402
+
+import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
+
+from bench import common  # noqa: E402
+
+# aten ops that copy a device value to the host, so that on a GPU the host waits for the device.
+HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
+
+
+def _where(stack):
+    """The innermost frame of this project (outside bench/), as 'path:line', else the innermost."""
+    for frame in reversed(stack):
+        path = os.path.abspath(frame.filename)
+        if path.startswith(_ROOT + os.sep) and not path.startswith(_HERE) and ".venv" not in path:
+            return f"{os.path.relpath(path, _ROOT)}:{frame.lineno}"
+    frame = stack[-1]
+    return f"{frame.filename}:{frame.lineno}"
+
+
+class HostReads(TorchDispatchMode):
+    """Counts, by calling line, the ops that read device values on the host."""
+
+    def __init__(self, counts):
+        super().__init__()
+        self.counts = counts
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.__name__.split(".")[0] in HOST_READS:
+            self.counts[_where(traceback.extract_stack())] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def detect(device, counts):
+    """Record every host synchronisation made inside the block into counts (a Counter by line)."""
+    if device.type == "cuda":
+        previous = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                yield
+            finally:
+                torch.cuda.set_sync_debug_mode(previous)
+        for w in caught:
+            if "synchroniz" in str(w.message):
+                counts[f"{os.path.relpath(w.filename, _ROOT) if w.filename.startswith(_ROOT) else w.filename}"
+                       f":{w.lineno}"] += 1
+    else:
+        with HostReads(counts):
+            yield
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--json", default=None)
+    p.add_argument("--cpu-cadence", action="store_true",
+                   help="on the CPU keep its every-step non-finite check; by default the GPU's cadence "
+                        "(once per log interval) is used, so the count shows what a GPU run would do")
+    a = p.parse_args(ours)
+
+    import train
+    counts = collections.Counter()
+    steps = []
+    epoch_loop = train.train_epoch
+
+    def watched(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest):
+        with detect(train_device[0], counts):
+            result = epoch_loop(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest)
+        steps.append(len(loader) - rest[2])  # rest[2]: the epoch's first step
+        return result
+
+    train_device = [None]
+    resolve = train.speed.resolve
+
+    def remember_device(args, device):
+        train_device[0] = torch.device(device)
+        return resolve(args, device)
+
+    check_every = train.nan_check_every
+    if not a.cpu_cadence:
+        train.nan_check_every = lambda args, device: check_every(args, torch.device("cuda"))
+    train.train_epoch, train.speed.resolve = watched, remember_device
+    try:
+        result = train.run(train_argv + ["--no-progress"])
+    finally:
+        train.train_epoch, train.speed.resolve, train.nan_check_every = epoch_loop, resolve, check_every
+    args = train.parse_args(train_argv)
+    device = train_device[0]
+    n_steps = sum(steps)
+    rows = [[where, str(n), f"{n / max(n_steps, 1):.3f}"] for where, n in counts.most_common()]
+    doc = {"bench": "sync_check", "device": str(device), "steps": n_steps, "log_interval": args.log_interval,
+           "nan_check_every": train.nan_check_every(args, torch.device("cuda")
+                                                    if not a.cpu_cadence else device),
+           "syncs": dict(counts), "syncs_total": sum(counts.values()),
+           "syncs_per_step": sum(counts.values()) / max(n_steps, 1), "train_folder": result["folder"],
+           "detector": ("torch.cuda.set_sync_debug_mode('warn')" if device.type == "cuda"
+                        else "TorchDispatchMode over host-reading aten ops"),
+           **common.environment(device)}
+    if a.json:
+        common.write_json(a.json, doc)
+    print(f"host synchronisations inside train.py's epoch loop: {doc['syncs_total']} in {n_steps} steps "
+          f"({doc['syncs_per_step']:.3f} a step; log interval {args.log_interval}) on {device}")
+    print(common.markdown_table(["where", "syncs", "per step"], rows or [["(none)", "0", "0"]]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
