@@ -3,7 +3,8 @@
 Every sample gets its own random parameters, drawn from an explicit torch.Generator that lives on the
 batch's device, so results are reproducible and nothing waits on the host. Parameters such as
 brightness or crop scale may be a float or a per-sample tensor, which lets one pass serve a batch whose
-samples follow different recipes.
+samples follow different recipes. A recipe is split in two: `draw` makes all of its random choices
+for any number of samples (the loader does a whole epoch at once), `apply` uses them on a batch.
 """
 import torch
 import torch.nn.functional as F
@@ -312,6 +313,7 @@ def pad_crop(x, pad=4, *, gen):
     return shift_crop(x, shift[0], shift[1], pad)
 
 
+_SHIFT = 4  # the standard recipe's padding: shifts of up to 4 pixels each way
 _SEED_TABLES = {}  # device -> _SEED_TABLE as a tensor, made once
 
 
@@ -335,7 +337,7 @@ def draw(aug, copy_id, gen, height=32, width=32):
     if aug == "none":
         return ()
     if aug == "standard":
-        shift = torch.randint(0, 9, (2, n), generator=gen, device=dev)
+        shift = torch.randint(0, 2 * _SHIFT + 1, (2, n), generator=gen, device=dev)
         return shift[0], shift[1], torch.rand(n, generator=gen, device=dev) < 0.5
     p = _seed_table(dev).index_select(0, copy_id)
     factors = jitter_params(n, p[:, 0], p[:, 1], gen)
@@ -350,7 +352,7 @@ def apply(aug, x, params):
         return x
     if aug == "standard":
         dy, dx, flip = params
-        return mirror(shift_crop(x, dy, dx, 4), flip)
+        return mirror(shift_crop(x, dy, dx, _SHIFT), flip)
     return _seed(x, params).contiguous()
 
 
