@@ -15,6 +15,7 @@ from engine.distributed import pick_device
 from engine.errors import UserError, run_main
 from engine.evaluate import evaluate_checkpoint
 
+
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)

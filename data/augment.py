@@ -56,14 +56,15 @@ def jitter_params(n, brightness, contrast, gen):
 
 
 _GREY = (0.299, 0.587, 0.114)  # grey-level weights of R, G, B
-_GREY_TENSORS = {}  # (device, dtype) -> _GREY as a tensor, made once: a host copy per batch could sync
+_CONSTANTS = {}  # (values, device, dtype) -> tensor, made once: a host copy per batch could sync
 
 
-def _grey_weights(device, dtype):
-    key = (torch.device(device), dtype)
-    if key not in _GREY_TENSORS:
-        _GREY_TENSORS[key] = torch.tensor(_GREY, dtype=dtype, device=device)
-    return _GREY_TENSORS[key]
+def _constant(values, device, dtype=torch.float32):
+    """A tuple of numbers (or of tuples) as a tensor on `device`, made on first use only."""
+    key = (values, torch.device(device), dtype)
+    if key not in _CONSTANTS:
+        _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return _CONSTANTS[key]
 
 
 def _jitter_plan(brightness_factor, contrast_factor, contrast_first, in_scale=1.0, norm=None):
@@ -89,7 +90,7 @@ def _jitter_plan(brightness_factor, contrast_factor, contrast_first, in_scale=1.
         # clamp(a2*x + o2, 0, 1) normalised is clamp(a2/std * x + (o2 - mean)/std, lo, hi).
         mean, std = norm[0], norm[1]
         a2, k2, b2 = a2 / std, k2 / std, -mean / std
-    grey = _grey_weights(a1.device, a1.dtype)
+    grey = _constant(_GREY, a1.device, a1.dtype)
     return a1, k1, a2[:, :, None, None], k2, b2, grey, (None if norm is None else norm[2:])
 
 
@@ -314,14 +315,6 @@ def pad_crop(x, pad=4, *, gen):
 
 
 _SHIFT = 4  # the standard recipe's padding: shifts of up to 4 pixels each way
-_SEED_TABLES = {}  # device -> _SEED_TABLE as a tensor, made once
-
-
-def _seed_table(device):
-    key = torch.device(device)
-    if key not in _SEED_TABLES:
-        _SEED_TABLES[key] = torch.tensor(_SEED_TABLE, dtype=torch.float32, device=device)
-    return _SEED_TABLES[key]
 
 
 def draw(aug, copy_id, gen, height=32, width=32):
@@ -339,7 +332,7 @@ def draw(aug, copy_id, gen, height=32, width=32):
     if aug == "standard":
         shift = torch.randint(0, 2 * _SHIFT + 1, (2, n), generator=gen, device=dev)
         return shift[0], shift[1], torch.rand(n, generator=gen, device=dev) < 0.5
-    p = _seed_table(dev).index_select(0, copy_id)
+    p = _constant(_SEED_TABLE, dev).index_select(0, copy_id)
     factors = jitter_params(n, p[:, 0], p[:, 1], gen)
     boxes = crop_boxes(n, height, width, p[:, 2:4], p[:, 4:6], gen)
     return (*factors, *boxes, torch.rand(n, generator=gen, device=dev) < 0.5)
