@@ -63,15 +63,18 @@ def data_section(docs):
     return "\n\n".join(out)
 
 
+def sync_table(d):
+    """A sync_check result's host synchronisations by source line, most frequent first."""
+    rows = [[where, str(n), f"{n / max(d['steps'], 1):.3f}"] for where, n in
+            sorted(d["syncs"].items(), key=lambda kv: -kv[1])] or [["(none)", "0", "0"]]
+    return markdown_table(["where", "syncs", "per step"], rows)
+
+
 def sync_section(docs):
-    out = []
-    for d in (d for d in docs if d["bench"] == "sync_check"):
-        rows = [[where, str(n), f"{n / max(d['steps'], 1):.3f}"] for where, n in
-                sorted(d["syncs"].items(), key=lambda kv: -kv[1])] or [["(none)", "0", "0"]]
-        out.append(f"{d['syncs_total']} in {d['steps']} steps on {d['device']} (the non-finite check runs "
-                   f"every {d.get('nan_check_every', '?')} steps; detector: {d['detector']}):\n\n"
-                   + markdown_table(["where", "syncs", "per step"], rows))
-    return "\n\n".join(out)
+    return "\n\n".join(
+        f"{d['syncs_total']} in {d['steps']} steps on {d['device']} (the non-finite check runs every "
+        f"{d.get('nan_check_every', '?')} steps; detector: {d['detector']}):\n\n" + sync_table(d)
+        for d in docs if d["bench"] == "sync_check")
 
 
 def _model_label(d):

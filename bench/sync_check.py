@@ -32,20 +32,26 @@ import warnings  # noqa: E402
 import torch  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from bench import common  # noqa: E402
+from bench import common, summary  # noqa: E402
 
 # aten ops that copy a device value to the host, so that on a GPU the host waits for the device.
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
 
 
+def _ours(path):
+    """Whether `path` is this project's code (outside bench/ and the virtual environment)."""
+    path = os.path.abspath(path)
+    return path.startswith(_ROOT + os.sep) and not path.startswith(_HERE) and ".venv" not in path
+
+
+def _location(path, line):
+    return f"{os.path.relpath(path, _ROOT) if _ours(path) else path}:{line}"
+
+
 def _where(stack):
-    """The innermost frame of this project (outside bench/), as 'path:line', else the innermost."""
-    for frame in reversed(stack):
-        path = os.path.abspath(frame.filename)
-        if path.startswith(_ROOT + os.sep) and not path.startswith(_HERE) and ".venv" not in path:
-            return f"{os.path.relpath(path, _ROOT)}:{frame.lineno}"
-    frame = stack[-1]
-    return f"{frame.filename}:{frame.lineno}"
+    """The innermost frame of this project as 'path:line', else the innermost frame."""
+    frame = next((f for f in reversed(stack) if _ours(f.filename)), stack[-1])
+    return _location(frame.filename, frame.lineno)
 
 
 class HostReads(TorchDispatchMode):
@@ -75,8 +81,7 @@ def detect(device, counts):
                 torch.cuda.set_sync_debug_mode(previous)
         for w in caught:
             if "synchroniz" in str(w.message):
-                counts[f"{os.path.relpath(w.filename, _ROOT) if w.filename.startswith(_ROOT) else w.filename}"
-                       f":{w.lineno}"] += 1
+                counts[_location(w.filename, w.lineno)] += 1
     else:
         with HostReads(counts):
             yield
@@ -95,34 +100,30 @@ def main(argv=None):
 
     import train
     counts = collections.Counter()
-    steps = []
+    steps, devices = [], set()
     epoch_loop = train.train_epoch
 
     def watched(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest):
-        with detect(train_device[0], counts):
+        devices.add(loader.device)
+        with detect(loader.device, counts):
             result = epoch_loop(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest)
         steps.append(len(loader) - rest[2])  # rest[2]: the epoch's first step
         return result
 
-    train_device = [None]
-    resolve = train.speed.resolve
-
-    def remember_device(args, device):
-        train_device[0] = torch.device(device)
-        return resolve(args, device)
-
     check_every = train.nan_check_every
     if not a.cpu_cadence:
         train.nan_check_every = lambda args, device: check_every(args, torch.device("cuda"))
-    train.train_epoch, train.speed.resolve = watched, remember_device
+    train.train_epoch = watched
     try:
         result = train.run(train_argv + ["--no-progress"])
     finally:
-        train.train_epoch, train.speed.resolve, train.nan_check_every = epoch_loop, resolve, check_every
+        train.train_epoch, train.nan_check_every = epoch_loop, check_every
+    if not steps:
+        raise SystemExit("error: train.py trained no epoch, so there is nothing to check; give it --epochs "
+                         "and a new --save folder")
     args = train.parse_args(train_argv)
-    device = train_device[0]
+    (device,) = devices
     n_steps = sum(steps)
-    rows = [[where, str(n), f"{n / max(n_steps, 1):.3f}"] for where, n in counts.most_common()]
     doc = {"bench": "sync_check", "device": str(device), "steps": n_steps, "log_interval": args.log_interval,
            "nan_check_every": train.nan_check_every(args, torch.device("cuda")
                                                     if not a.cpu_cadence else device),
@@ -135,7 +136,7 @@ def main(argv=None):
         common.write_json(a.json, doc)
     print(f"host synchronisations inside train.py's epoch loop: {doc['syncs_total']} in {n_steps} steps "
           f"({doc['syncs_per_step']:.3f} a step; log interval {args.log_interval}) on {device}")
-    print(common.markdown_table(["where", "syncs", "per step"], rows or [["(none)", "0", "0"]]))
+    print(summary.sync_table(doc))
     return 0
 
 
