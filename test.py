@@ -10,35 +10,17 @@ import argparse
 import json
 import sys
 
-from engine.cli import add_data_args, add_model_args, positive_float, positive_int
-from engine.distributed import pick_device
-from engine.errors import UserError, run_main
+import errors
+from cli.args import add_data_args, add_model_args, positive_int, typed
+from cli.errors import run_main
+from engine import distributed
 from engine.evaluate import evaluate_checkpoint
-
-
-def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    add_model_args(p)
-    add_data_args(p)
-    p.add_argument("--model-state-file", required=True, help="checkpoint to evaluate")
-    p.add_argument("--batch-size", type=positive_int, default=1000)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"),
-                   help="autocast dtype (default bf16 on CUDA, off on CPU, as in training)")
-    p.add_argument("--s", type=positive_float, default=5.0, help="AM-softmax scale for the loss")
-    p.add_argument("--tta", action="store_true", help="average the predictions of x and its mirror")
-    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
-    return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    r, _, meta = evaluate_checkpoint(
-        args.model, args.model_state_file, args.data_dir, pick_device(args.device),
-        coslinear=args.coslinear, width_mult=args.width_mult, depth_mult=args.depth_mult, s=args.s,
-        amp=args.amp, batch_size=args.batch_size, test_limit=args.test_limit, tta=args.tta,
-        download=not args.no_download)
+    ctx = distributed.Context(device=distributed.pick_device(args.device))
+    r, _, meta = evaluate_checkpoint(args, args.model_state_file, ctx, tta=args.tta)
     r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta)
     trained = meta.get("epoch")
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
@@ -54,8 +36,25 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=2)
         except OSError as e:
-            raise UserError(f"cannot write --json {args.json}: {e.strerror}") from None
+            raise errors.ToolkitError(f"cannot write --json {args.json}: {e.strerror}") from None
     return 0
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_model_args(p)
+    add_data_args(p)
+    p.add_argument("--model-state-file", required=True, help="checkpoint to evaluate")
+    p.add_argument("--batch-size", dest="eval_batch_size", type=positive_int, default=1000)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--amp", default=None, choices=("bf16", "fp16", "off"),
+                   help="autocast dtype (default bf16 on CUDA, off on CPU, as in training)")
+    p.add_argument("--s", type=typed(float, lambda x: 0 < x <= 100, "a number in (0, 100]"), default=5.0,
+                   help="AM-softmax scale for the loss")
+    p.add_argument("--tta", action="store_true", help="average the outputs on each image and its mirror")
+    p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
+    return p
 
 
 if __name__ == "__main__":

@@ -75,6 +75,19 @@ def _cpu_model():
     return platform.processor() or None
 
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script(name):
+    """A top-level script of the repository (train, chain, test) as a module, loaded from its file:
+    scripts are not installed packages, and loading by path needs no sys.path edit."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def write_json(path, obj):
     """Write atomically, so a benchmark killed by its time budget never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -17,29 +17,24 @@ JSON also has a `refined/MODE` row with that very teacher, the directly measured
 shown beside the sum (`measured`). --epochs-within prints how many epochs of a model fit a time
 budget (gpu.sh uses it to size its training run).
 """
+import argparse
 import os
 import sys
+import glob
+import json
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import data
+import models
 
-import argparse  # noqa: E402
-import glob  # noqa: E402
-import json  # noqa: E402
-
-SAMPLES_PER_EPOCH = 150_000
+# One epoch of the original entry's recipe: 3 augmented copies of the 50,000 training images.
+SAMPLES_PER_EPOCH = data.copies("uci") * 50_000
 TEST_SAMPLES = 10_000
 # (student, teacher or None, epochs): chain.py's default stages with each model's own regime.
-CHAIN = (
-    ("efficientnet_b3", None, 70),
-    ("efficientnet_b3", "efficientnet_b3", 70),
-    ("efficientnet_b0", "efficientnet_b3", 70),
-    ("efficientnet_ex", "efficientnet_b0", 75),
-)
+CHAIN = tuple((name, models.UCI_CHAIN[i - 1] if i else None, models.card(name).epochs)
+              for i, name in enumerate(models.UCI_CHAIN))
 # Full-size scaling of each model: only such results stand for the chain's models.
-FULL_SIZE = {"efficientnet_b0": (1.0, 1.0), "efficientnet_b3": (1.2, 1.4), "efficientnet_ex": (0.8, 0.8),
-             "efficientnet_exx": (0.8, 0.7)}
-SHORT = {"efficientnet_b0": "b0", "efficientnet_b3": "b3", "efficientnet_ex": "ex", "efficientnet_exx": "exx"}
+FULL_SIZE = {name: (models.card(name).width, models.card(name).depth) for name in models.names()}
+SHORT = {name: name.replace("efficientnet_", "") for name in models.names()}
 
 
 def load_speeds(paths, full_size_only=True):

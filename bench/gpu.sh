@@ -129,7 +129,7 @@ say "data: $DATA ($SOURCE)"
 
 # ---------------------------------------------------------------- 2. data bench
 # shellcheck disable=SC2086
-phase data-bench "$(cap_for 50 "$(pct 73)")" "$WORK/logs/data-bench.log" "$PY" bench/data.py --data_dir "$DATA" \
+phase data-bench "$(cap_for 50 "$(pct 73)")" "$WORK/logs/data-bench.log" "$PY" bench/augmentation.py --data_dir "$DATA" \
   --json "$WORK/data.json" $DATA_ARGS
 cat "$WORK/logs/data-bench.log" | grep -v '^\[data\]'
 

@@ -18,19 +18,14 @@ These are estimates of the activations alone; add weights, gradients and momentu
 params, a few tens of MB here), cuDNN workspaces and the allocator's slack. bench/step.py measures
 the real peak.
 """
-import os
+import argparse
 import sys
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import torch
 
-import argparse  # noqa: E402
-
-import torch  # noqa: E402
-
-import models  # noqa: E402
-import torchscope  # noqa: E402
-from bench.common import MiB, markdown_table, write_json  # noqa: E402
+import models
+import torchscope
+from bench.common import MiB, markdown_table, write_json
 
 
 def block_elements(model):

@@ -10,22 +10,18 @@ join them, and unpack with lzma + tarfile, as shared/data/cifar100/unpack.sh doe
 serve every speed measurement but make any accuracy meaningless. Prints one JSON line:
 {"data_dir": DEST, "source": "existing" | "parts" | "synthetic"}; exit 1 if no data could be made.
 """
+import argparse
 import os
 import sys
+import hashlib
+import io
+import json
+import lzma
+import pickle
+import re
+import tarfile
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import lzma  # noqa: E402
-import pickle  # noqa: E402
-import re  # noqa: E402
-import tarfile  # noqa: E402
-
-import numpy as np  # noqa: E402
+import numpy as np
 
 FOLDER = "cifar-100-python"
 SPLITS = {"train": 50_000, "test": 10_000}
@@ -34,12 +30,12 @@ SPLITS = {"train": 50_000, "test": 10_000}
 def readable(dest):
     """True when DEST holds both splits that data.load_cifar100 accepts."""
     import data
-    from engine.errors import UserError
+    import errors
     try:
         data.load_cifar100(dest, train=True, download=False)
         data.load_cifar100(dest, train=False, download=False)
         return True
-    except UserError:
+    except errors.ToolkitError:
         return False
 
 

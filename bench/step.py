@@ -5,9 +5,9 @@
     python bench/step.py --model efficientnet_ex --width-mult 0.25 --depth-mult 0.34 --device cpu \
         --batch-size 128 --modes eager-fp32,channels_last,bf16,fused-sgd,all-eager --json OUT.json
 
-Every mode is train.py with the matching speed flags; the step is train.py's: the forward and the
-loss under autocast, zero_grad, backward, optimizer.step, and the on-device loss/accuracy sums (plus
-the per-step finite-loss check that train.py does on the CPU). Inputs are one random batch made on
+Every mode is train.py with the matching speed flags; the step is train.py's own
+(engine.step.train_step: forward and loss under autocast, zero_grad, backward, optimizer step through
+the GradScaler, the on-device meter), plus the per-step finite-loss check that train.py does on the CPU. Inputs are one random batch made on
 the device, so no data loading is timed (bench/data.py times that).
 
   eager-fp32     --amp off --no-channels-last --no-compile --no-fused-optimizer: eager, fp32 tensors,
@@ -27,28 +27,23 @@ training batch size: that is also what the refinery's teacher forward costs insi
 With --rounds R > 1 the modes are kept alive side by side and timed in turn R times, so drift in a
 shared machine's load hits every mode alike; speed-ups are medians of the per-round ratios.
 """
-import os
+import argparse
+import gc
 import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, replace
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# `python bench/step.py` puts bench/ first on sys.path, where bench/data.py would shadow the
-# project's `data` package; the repository root goes first instead.
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import torch
 
-import argparse  # noqa: E402
-import gc  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-from dataclasses import asdict, dataclass, replace  # noqa: E402
-
-import torch  # noqa: E402
-
-import models  # noqa: E402
-import refinery  # noqa: E402
-from bench import common  # noqa: E402
-from engine import speed  # noqa: E402
-from engine.evaluate import evaluate  # noqa: E402
-from loss import make_criterion  # noqa: E402
+import models
+import refinery
+from bench import common
+from engine import speed
+from engine.evaluate import evaluate
+from engine.meter import Meter
+from engine.step import HardLabels, StepParts, train_step
+from loss import make_criterion
 
 LR = 0.07          # the regime's first LR: the update's cost does not depend on it, but keep it real
 S = 5.0            # AM-softmax / refinery scale, train.py's default
@@ -151,65 +146,31 @@ class Runner:
         self.y = torch.randint(0, 100, (args.batch_size,), generator=gen).to(device)
         self.teacher = self.teacher_forward = None
         if self.refined:
-            # refinery.load_teacher's freeze, without a weights file: the cost does not depend on them.
+            # A random-weight teacher, frozen as train.py freezes one: the cost does not depend on weights.
             teacher = models.create(args.refined_teacher, width_mult=args.teacher_width_mult,
                                     depth_mult=args.teacher_depth_mult)
-            teacher.eval()
-            for p in teacher.parameters():
-                p.requires_grad_(False)
-            self.teacher = self.teacher_forward = teacher.to(device=device, memory_format=fmt)
+            self.teacher = self.teacher_forward = refinery.freeze(teacher).to(device=device, memory_format=fmt)
         self.model = self.net
         self.compiled = None
         t0 = time.perf_counter()
         if mode.compile:
-            self.model = speed.try_compile(self.net, self._probe, log)
+            self.model = speed.compile_module(self.net, self.x, self.autocast, log)
             self.compiled = self.model is not self.net
             if self.teacher is not None:
-                self.teacher_forward = speed.try_compile(self.teacher, self._probe_eval, log)
+                self.teacher_forward = speed.compile_module(self.teacher, self.x, self.autocast, log, train=False)
                 self.compiled = self.compiled and self.teacher_forward is not self.teacher
             # The eval graph compiles on its first call; do that here, outside any timing.
             self.eval_batches(1)
         self.compile_s = time.perf_counter() - t0 if mode.compile else None
-        self.objective = (refinery.Refinery(self.teacher, S, True, True, forward=self.teacher_forward)
-                          if self.refined else None)
-        self.sums = torch.zeros(4, dtype=torch.float64, device=device)
+        objective = (refinery.Refinery(self.teacher, S, True, True, forward=self.teacher_forward)
+                     if self.refined else HardLabels(self.criterion))
+        scaler = torch.amp.GradScaler("cuda", enabled=mode.amp == "fp16")
+        self.parts = StepParts(self.model, objective, self.optimizer, scaler, self.autocast)
+        self.meter = Meter(device)
         self.bad = torch.zeros((), dtype=torch.int64, device=device)
 
-    def _probe(self, compiled):
-        """train.py's compile probe: one forward/backward that leaves weights and BN statistics alone."""
-        buffers = {k: v.clone() for k, v in self.net.named_buffers()}
-        with self.autocast:
-            out = compiled(self.x)
-        out.float().sum().backward()
-        self.net.zero_grad(set_to_none=True)
-        with torch.no_grad():
-            for k, v in self.net.named_buffers():
-                v.copy_(buffers[k])
-
-    def _probe_eval(self, compiled):
-        with torch.no_grad(), self.autocast:
-            compiled(self.x)
-
     def train_step(self):
-        x, y = self.x, self.y
-        with self.autocast:
-            out = self.model(x)
-            if self.objective is None:
-                loss, agree = self.criterion(out, y), None
-            else:
-                loss, t_logits = self.objective(out, x)
-                agree = (t_logits.argmax(1) == out.argmax(1)).sum()
-        finite = torch.isfinite(loss)
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
-        with torch.no_grad():
-            n = y.shape[0]
-            correct = (out.argmax(1) == y).sum()
-            self.sums += torch.stack([loss.detach().double() * n, correct.double(),
-                                      torch.ones((), dtype=torch.float64, device=self.device) * n,
-                                      (agree if agree is not None else correct * 0).double()])
-            self.bad += (~finite).long()
+        self.bad += ~train_step(self.parts, self.x, self.y, self.meter)
         if self.check_every_step and int(self.bad):
             raise FloatingPointError(f"{self.label}: non-finite loss")
 

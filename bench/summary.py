@@ -5,18 +5,14 @@
 
 gpu.sh writes its summary.md with this; the CPU tables of bench/PERFORMANCE.md come from it too.
 """
+import argparse
 import os
 import sys
+import csv
+import json
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import csv  # noqa: E402
-import json  # noqa: E402
-
-from bench import eta as eta_mod  # noqa: E402
-from bench.common import fmt, markdown_table, median, write_json  # noqa: E402
+from bench import eta as eta_mod
+from bench.common import fmt, markdown_table, median, write_json
 
 
 def load(paths):

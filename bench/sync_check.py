@@ -16,24 +16,21 @@ By design train.py reads the device once per log interval (the non-finite loss c
 end of the epoch; anything else is a stall to remove. On the CPU, where that check is free, train.py
 makes it every step; here the GPU's cadence is used unless --cpu-cadence is given.
 """
+import argparse
+import collections
+import contextlib
 import os
 import sys
+import traceback
+import warnings
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from bench import common, summary
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _ROOT = os.path.dirname(_HERE)
-sys.path[:] = [_ROOT] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
-import argparse  # noqa: E402
-import collections  # noqa: E402
-import contextlib  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-
-import torch  # noqa: E402
-from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
-
-from bench import common, summary  # noqa: E402
-
 # aten ops that copy a device value to the host, so that on a GPU the host waits for the device.
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
 
@@ -98,26 +95,28 @@ def main(argv=None):
                         "(once per log interval) is used, so the count shows what a GPU run would do")
     a = p.parse_args(ours)
 
-    import train
+    train = common.load_script("train")
     counts = collections.Counter()
     steps, devices = [], set()
-    epoch_loop = train.train_epoch
+    epoch_loop = train.train_one_epoch
 
-    def watched(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest):
+    def watched(parts, loader, epoch, epochs, run):
         devices.add(loader.device)
+        state = run.state
+        first = state.next_step if state.partial is not None and epoch == state.next_epoch else 0
         with detect(loader.device, counts):
-            result = epoch_loop(model, net, objective, criterion, autocast, optimizer, scaler, loader, *rest)
-        steps.append(len(loader) - rest[2])  # rest[2]: the epoch's first step
+            result = epoch_loop(parts, loader, epoch, epochs, run)
+        steps.append(len(loader) - first)
         return result
 
     check_every = train.nan_check_every
     if not a.cpu_cadence:
         train.nan_check_every = lambda args, device: check_every(args, torch.device("cuda"))
-    train.train_epoch = watched
+    train.train_one_epoch = watched
     try:
         result = train.run(train_argv + ["--no-progress"])
     finally:
-        train.train_epoch, train.nan_check_every = epoch_loop, check_every
+        train.train_one_epoch, train.nan_check_every = epoch_loop, check_every
     if not steps:
         raise SystemExit("error: train.py trained no epoch, so there is nothing to check; give it --epochs "
                          "and a new --save folder")

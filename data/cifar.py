@@ -1,11 +1,12 @@
 """CIFAR-100 from the standard `cifar-100-python/` pickles, read with a restricted unpickler."""
 import os
 import pickle
+import stat
 
 import numpy as np
 import torch
 
-from engine.errors import UserError
+from errors import DataError, DataNotFound, DataPermission, DownloadFailed
 
 # CIFAR-10 statistics: the original recipe normalised CIFAR-100 with these, and we keep its numbers.
 MEAN = (0.4914, 0.4822, 0.4465)
@@ -40,7 +41,7 @@ class _CifarUnpickler(pickle.Unpickler):
 
     def find_class(self, module, name):
         if (module, name) not in _ALLOWED:
-            raise UserError(f"{self._path}: refusing to unpickle {module}.{name}; the file is not a "
+            raise DataError(f"{self._path}: refusing to unpickle {module}.{name}; the file is not a "
                             f"CIFAR-100 pickle; delete it and re-download")
         return super().find_class(module, name)
 
@@ -62,21 +63,42 @@ def _short(e):
     return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
 
 
+def _denied(path, doing="read"):
+    return DataPermission(f"cannot {doing} {path}: permission denied; give this user access to it")
+
+
+def _is_file(path):
+    """Whether `path` is a file; a folder on the way that may not be searched is a permission error,
+    not a missing file (os.path.isfile would say False for both)."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except PermissionError:
+        raise _denied(path) from None
+    except OSError:
+        return False
+
+
 def _read_pickle(path):
     try:
-        with open(path, "rb") as f:
+        f = open(path, "rb")
+    except PermissionError:
+        raise _denied(path) from None
+    except OSError as e:
+        raise DataError(f"cannot read {path} ({_short(e)})") from None
+    try:
+        with f:
             return _CifarUnpickler(f, path).load()
-    except UserError:
+    except DataError:
         raise
     except Exception as e:  # any decoding failure of an untrusted file means the file is bad
-        raise UserError(f"{path} is truncated or corrupt ({_short(e)}); delete it "
+        raise DataError(f"{path} is truncated or corrupt ({_short(e)}); delete it "
                         f"and re-run the unpack script or re-download") from None
 
 
 def _validate(obj, path, split, expected):
-    """Return (data [N,3072] uint8, labels [N] int64) or raise UserError naming what is wrong."""
+    """Return (data [N,3072] uint8, labels [N] int64) or raise DataError naming what is wrong."""
     def bad(problem):
-        return UserError(f"{path} is not a valid CIFAR-100 {split} file ({problem}); delete it and "
+        return DataError(f"{path} is not a valid CIFAR-100 {split} file ({problem}); delete it and "
                          f"re-run the unpack script or re-download")
 
     if not isinstance(obj, dict):
@@ -115,19 +137,17 @@ def load_cifar100(root, train: bool, download: bool = True):
     split, expected = _SPLITS[bool(train)]
     folder = os.path.join(root, FOLDER)
     path = os.path.join(folder, split)
-    if not os.path.isfile(path):
+    if not _is_file(path):
         if not download:
-            raise UserError(f"CIFAR-100 {split} data not found at {path}; pass --data_dir to a folder "
-                            f"containing {FOLDER}/, or drop --no-download to fetch it")
+            raise DataNotFound(f"CIFAR-100 {split} data not found at {path}")
         try:
             _download(root)
+        except PermissionError:
+            raise _denied(folder, "write CIFAR-100 to") from None
         except Exception as e:
-            raise UserError(f"could not download CIFAR-100 to {folder} ({_short(e)}); "
-                            f"connect to the internet, or pass --data_dir to a folder containing "
-                            f"{FOLDER}/ and add --no-download") from None
-        if not os.path.isfile(path):
-            raise UserError(f"the CIFAR-100 download did not produce {path}; delete {folder} and retry, "
-                            f"or pass --data_dir to a folder containing {FOLDER}/")
+            raise DownloadFailed(f"could not download CIFAR-100 to {folder} ({_short(e)})") from None
+        if not _is_file(path):
+            raise DownloadFailed(f"the CIFAR-100 download did not produce {path}; delete {folder} and retry")
     data, labels = _validate(_read_pickle(path), path, split, expected)
     # R, G and B planes are stored row-major one after another, which is exactly [3,32,32] per image.
     return torch.from_numpy(data).view(expected, 3, 32, 32), torch.from_numpy(labels)

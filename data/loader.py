@@ -4,18 +4,16 @@ All training randomness is a pure function of (seed, epoch, rank) and the positi
 epoch permutation comes from a generator seeded by hash(seed, epoch), the augmentation's draws for
 all of a rank's samples of the epoch from one seeded by hash(seed, epoch, rank), made at once when
 the epoch starts. A run resumed at any step therefore sees bit-identical batches without saving any
-RNG state.
+RNG state, and a sample's augmentation does not depend on the batch size.
 """
 import hashlib
 import math
 
 import torch
 
-from engine.errors import UserError
+from errors import ConfigError, RunError
 
-from . import augment
-from .augment import copies, make_seed_pipeline
-from .cifar import MEAN, STD
+from . import augment, augment_cpu
 
 
 def derive_seed(*parts):
@@ -24,14 +22,23 @@ def derive_seed(*parts):
     return int.from_bytes(digest, "little") >> 1
 
 
-def subset(images, labels, limit):
-    """The first `limit` samples (all when limit is None)."""
+def subset(images, labels, limit, setting=None):
+    """The first `limit` samples (all when limit is None). `setting` names the option the limit
+    came from (e.g. "train_limit"), for the error."""
     if limit is None:
         return images, labels
     if not 0 < limit <= len(labels):
-        raise UserError(f"sample limit {limit} is out of range; set --train-limit / --test-limit to "
-                        f"1..{len(labels)}, or leave it unset for all")
+        raise ConfigError(f"sample limit {limit} is out of range: it must be 1..{len(labels)}, or unset "
+                          f"for all", setting=setting)
     return images[:limit], labels[:limit]
+
+
+def make_pipeline(aug, device, memory_format=torch.contiguous_format, fast=True):
+    """Recipe `aug` as (images uint8 [B,3,H,W], draws [B,K]) -> normalised float images: the
+    device's fast path where one exists and `fast`, else the reference definition."""
+    if fast and augment_cpu.supports(aug, device):
+        return augment_cpu.pipeline(aug, device, memory_format)
+    return augment.pipeline(aug, device, memory_format)
 
 
 def _check_data(images, labels, rank, world_size):
@@ -42,25 +49,9 @@ def _check_data(images, labels, rank, world_size):
         raise ValueError(f"rank {rank} is outside world size {world_size}")
 
 
-def _check_batch_size(batch_size):
+def _check_batch_size(batch_size, setting):
     if batch_size <= 0:
-        raise UserError(f"batch size must be at least 1, got {batch_size}; pass a positive --batch-size")
-
-
-class _Normalise:
-    """uint8 -> float in [0,1] -> (x - MEAN) / STD, with the constants made on the device once."""
-
-    def __init__(self, device, memory_format):
-        self.mean = torch.tensor(MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(STD, device=device).view(1, 3, 1, 1)
-        self.memory_format = memory_format
-
-    @staticmethod
-    def unit(images_u8):
-        return images_u8.float().div_(255)
-
-    def __call__(self, x):
-        return x.sub_(self.mean).div_(self.std).contiguous(memory_format=self.memory_format)
+        raise ConfigError(f"batch size must be at least 1, got {batch_size}", setting=setting)
 
 
 class TrainLoader:
@@ -68,14 +59,16 @@ class TrainLoader:
 
     An epoch is `copies(aug)` copies of the data, shuffled together; sample t of the epoch space is
     image t % N in copy t // N. Each rank takes perm[rank::world_size], cut to equal lengths.
-    Call set_epoch(e) before iterating; iterate(start_step) resumes mid-epoch.
+    Call set_epoch(e) before iterating; iterate(start_step) resumes mid-epoch. `fast=False` uses
+    the reference augmentation even where a faster equal one exists.
     """
 
-    def __init__(self, images_u8, labels, batch_size, aug="seed", seed=0, device="cpu", rank=0,
-                 world_size=1, drop_last=False, memory_format=torch.contiguous_format):
-        _check_batch_size(batch_size)
+    def __init__(self, images_u8, labels, batch_size, aug="uci", seed=0, device="cpu", rank=0,
+                 world_size=1, drop_last=False, memory_format=torch.contiguous_format, fast=True):
+        _check_batch_size(batch_size, "batch_size")
         _check_data(images_u8, labels, rank, world_size)
-        self.copies = copies(aug)
+        self.aug = augment.recipe_name(aug)
+        self.copies = augment.copies(self.aug)
         self.device = torch.device(device)
         self.images = images_u8.to(self.device)
         self.labels = labels.to(self.device, torch.int64)
@@ -85,16 +78,10 @@ class TrainLoader:
         self.drop_last = drop_last
         self.per_rank = self.copies * self.n // world_size
         if self.per_rank == 0:
-            raise UserError(f"{self.n} training samples cannot be split over {world_size} ranks; "
-                            f"raise --train-limit or use fewer ranks")
-        self.aug = aug
-        self._normalise = _Normalise(self.device, memory_format)
-        # seed: uint8 -> normalised output in one fused pipeline (the /255 and normalisation ride
-        # along in the augmentation's own passes).
-        self._fused = (make_seed_pipeline(self.device, MEAN, STD, memory_format) if aug == "seed"
-                       else None)
+            raise ConfigError(f"{self.n} training samples cannot be split over {world_size} ranks",
+                              setting="train_limit")
+        self._pipeline = make_pipeline(self.aug, self.device, memory_format, fast)
         self._gen = torch.Generator(device=self.device)
-        self._gathered = None
         self.epoch, self._shard, self._draws = 0, None, None
 
     def __len__(self):
@@ -116,19 +103,20 @@ class TrainLoader:
         return self._shard
 
     def draws(self):
-        """This rank's augmentation draws for the current epoch, one per sample in batch order."""
+        """This rank's augmentation draws for the current epoch: float [per_rank, K], a row per
+        sample in batch order (see augment.draw)."""
         if self._draws is None:
             # manual_seed only resets the generator's state, so this never waits for the device.
             self._gen.manual_seed(derive_seed("aug", self.seed, self.epoch, self.rank))
             copy_id = torch.div(self.indices(), self.n, rounding_mode="floor")
-            self._draws = augment.draw(self.aug, copy_id, self._gen, *self.images.shape[2:])
+            self._draws = augment.draw(self.aug, copy_id, self._gen, self.images.shape[2:])
         return self._draws
 
     def iterate(self, start_step=0):
         """Batches of the current epoch from `start_step` on; equal to the tail of a full pass."""
         if not 0 <= start_step <= len(self):
-            raise UserError(f"cannot resume at step {start_step}: an epoch has {len(self)} steps; "
-                            f"the checkpoint does not match this batch size / data / world size")
+            raise RunError(f"cannot resume at step {start_step}: an epoch has {len(self)} steps; "
+                           f"the checkpoint does not match this batch size / data / world size")
         return self._batches(start_step)
 
     def __iter__(self):
@@ -137,23 +125,9 @@ class TrainLoader:
     def _batches(self, start_step):
         shard, draws, bs = self.indices(), self.draws(), self.batch_size
         for step in range(start_step, len(self)):
-            part = slice(step * bs, (step + 1) * bs)
-            yield self._batch(shard[part], tuple(d[part] for d in draws))
-
-    def _batch(self, idx, draws):
-        src = torch.remainder(idx, self.n)
-        if self.device.type == "cpu":
-            # The gathered uint8 batch is consumed within this call, so on the CPU one buffer serves
-            # every batch (a fresh allocation of this size costs page faults there).
-            if self._gathered is None or len(self._gathered) != len(src):
-                self._gathered = self.images.new_empty((len(src),) + tuple(self.images.shape[1:]))
-            images = torch.index_select(self.images, 0, src, out=self._gathered)
-        else:
-            images = self.images.index_select(0, src)
-        if self._fused is not None:
-            return self._fused(images, draws), self.labels.index_select(0, src)
-        x = augment.apply(self.aug, self._normalise.unit(images), draws)
-        return self._normalise(x), self.labels.index_select(0, src)
+            src = torch.remainder(shard[step * bs:(step + 1) * bs], self.n)
+            x = self._pipeline(self.images.index_select(0, src), draws[step * bs:(step + 1) * bs])
+            yield x, self.labels.index_select(0, src)
 
 
 class EvalLoader:
@@ -162,7 +136,7 @@ class EvalLoader:
 
     def __init__(self, images_u8, labels, batch_size, device="cpu", rank=0, world_size=1,
                  memory_format=torch.contiguous_format):
-        _check_batch_size(batch_size)
+        _check_batch_size(batch_size, "eval_batch_size")
         _check_data(images_u8, labels, rank, world_size)
         n = len(labels)
         self.start, self.stop = n * rank // world_size, n * (rank + 1) // world_size
@@ -170,12 +144,11 @@ class EvalLoader:
         self.images = images_u8[self.start:self.stop].to(self.device)
         self.labels = labels[self.start:self.stop].to(self.device, torch.int64)
         self.batch_size = batch_size
-        self._normalise = _Normalise(self.device, memory_format)
+        self._pipeline = augment.pipeline("none", self.device, memory_format)
 
     def __len__(self):
         return math.ceil((self.stop - self.start) / self.batch_size)
 
     def __iter__(self):
         for i in range(0, self.stop - self.start, self.batch_size):
-            x = _Normalise.unit(self.images[i:i + self.batch_size])
-            yield self._normalise(x), self.labels[i:i + self.batch_size]
+            yield self._pipeline(self.images[i:i + self.batch_size], None), self.labels[i:i + self.batch_size]

@@ -1,70 +1,160 @@
-"""Checkpoint files: atomic writes, safe loads, and fitting weights to a model with clear errors.
+"""Checkpoint files: atomic writes, safe loads, checksums, and fitting weights to a model.
 
 Formats we read:
-- a bare state_dict (the original's `model_state_*.pytar`, our `model_state_{epoch:02}.pytar`);
-- our wrapped files, `{"format": FORMAT, "model": state_dict, "arch": {...}, ...}`
+- a bare state_dict (the original entry's `model_state_*.pytar`, our `model_state_{epoch:02}.pytar`);
+- our wrapped files, `{"format": FORMAT, "model": state_dict, "arch": {...}, "checksum": ..., ...}`
   (`model_best.pytar`, and `last.pytar`, which also holds the full training state).
 Every load is `torch.load(weights_only=True)`: a file that would run code when unpickled is refused.
+A wrapped file carries a checksum of all its tensors and plain values, verified on every load, so
+flipped bytes inside tensor data are caught instead of resumed from.
 """
+import hashlib
 import os
 import pickle
+import pickletools
 import re
 import tempfile
 import zipfile
 
 import torch
 
+import errors
 import models
-from .errors import UserError
 
 FORMAT = "micronet-cifar100/1"
+TMP_PREFIX = ".tmp-"
 # Wrappers that add a prefix to every key: DataParallel/DDP and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
 
 
+def _short(e):
+    text = str(e).strip().splitlines()
+    return text[0][:160] if text else type(e).__name__
+
+
 def save_atomic(obj, path):
-    """Write to a temporary file in the same folder, fsync, then rename: never a half-written file."""
+    """Write to a uniquely named temporary file in the same folder, fsync, rename, fsync the folder:
+    the file under its real name is always whole, old or new. Any OSError (disk full, no inodes,
+    permissions) becomes a StorageError and leaves the previous file as it was."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pytar", dir=folder)
+    tmp = None
     try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pytar", dir=folder)
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        tmp = None
+        fsync_dir(folder)
     except OSError as e:
-        if os.path.exists(tmp):
+        raise errors.StorageError(f"could not write {path}: {e.strerror or _short(e)}") from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e}; free disk space "
-                        "or choose another --save folder") from None
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
-def load_file(path):
-    """torch.load with weights_only=True, turning every failure into one clear line."""
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint {path} does not exist; check the path")
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a folder; give a .pytar file inside it")
+def fsync_dir(folder):
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def checksum(obj):
+    """BLAKE2b over every tensor's dtype, shape and bytes and every plain value, in a fixed order."""
+    h = hashlib.blake2b(digest_size=16)
+
+    def walk(x):
+        if isinstance(x, torch.Tensor):
+            t = x.detach().cpu().contiguous()
+            h.update(f"T{t.dtype}{tuple(t.shape)}".encode())
+            if t.numel():
+                h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, dict):
+            keys = sorted((k for k in x if k != "checksum"), key=repr)
+            h.update(b"D%d" % len(keys))
+            for k in keys:
+                h.update(repr(k).encode())
+                walk(x[k])
+        elif isinstance(x, (list, tuple)):
+            h.update(b"L%d" % len(x))
+            for v in x:
+                walk(v)
+        else:
+            h.update(repr(x).encode())
+
+    walk(obj)
+    return h.hexdigest()
+
+
+def with_checksum(obj):
+    """A wrapped file's dict with its checksum added (the checksum covers everything else)."""
+    return {**obj, "checksum": checksum(obj)}
+
+
+def load_file(path, mmap=False):
+    """torch.load with weights_only=True, turning every failure into one clear error."""
+    if not os.path.exists(path):
+        raise errors.CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.isdir(path):
+        raise errors.CheckpointError(f"checkpoint {path} is a folder; give a .pytar file inside it")
+    if not os.access(path, os.R_OK):
+        raise errors.CheckpointError(f"checkpoint {path} cannot be read: permission denied")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
-        msg = str(e)
-        found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", msg)
-        if found:
-            raise UserError(f"refusing to load {path}: unpickling it would call {found.group(1)}, which "
-                            "could run code; only checkpoints holding tensors and plain values load") from None
-        reason = re.search(r"WeightsUnpickler error: \s*(.+)", msg)
-        detail = reason.group(1).strip().splitlines()[0] if reason else (msg.strip().splitlines() or [""])[0]
-        raise UserError(f"{path} is not a readable checkpoint ({detail[:120]}); it may be truncated "
-                        "or corrupt: use another file") from None
+        found = re.search(r"Unsupported global: (?:GLOBAL )?([\w.]+)", str(e))
+        callable_name = found.group(1) if found else _named_callable(path)
+        if callable_name:
+            raise errors.UnsafeCheckpoint(
+                f"refusing to load {path}: unpickling it would call {callable_name}, which could run code; "
+                "only checkpoints holding tensors and plain values load") from None
+        detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
+        raise errors.CheckpointError(f"{path} is not a readable checkpoint "
+                                     f"({detail.group(1).strip() if detail else _short(e)}); it may be "
+                                     "truncated or corrupt: use another file") from None
+    except PermissionError:
+        raise errors.CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path} is not a readable checkpoint ({first[:160]}); it may be truncated "
-                        "or corrupt: use another file") from None
+        raise errors.CheckpointError(f"{path} is not a readable checkpoint ({_short(e)}); it may be "
+                                     "truncated or corrupt: use another file") from None
+    if isinstance(obj, dict) and obj.get("format") == FORMAT and "checksum" in obj:
+        if checksum(obj) != obj["checksum"]:
+            raise errors.CheckpointError(f"{path} is damaged: its contents do not match their checksum; "
+                                         "use another file (a run resumes from an intact last.pytar)")
+    return obj
+
+
+def _named_callable(path):
+    """The first callable a pickle names (GLOBAL / STACK_GLOBAL), read with pickletools, which parses
+    opcodes without running any; None for a file that names none or is no pickle at all."""
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as z:
+                name = next((n for n in z.namelist() if n.endswith("data.pkl")), None)
+                raw = z.read(name) if name else b""
+        else:
+            with open(path, "rb") as f:
+                raw = f.read(1 << 20)
+        strings = []
+        for op, arg, _ in pickletools.genops(raw):
+            if op.name == "GLOBAL":
+                return str(arg).replace(" ", ".")
+            if op.name == "STACK_GLOBAL" and len(strings) >= 2:
+                return f"{strings[-2]}.{strings[-1]}"
+            if isinstance(arg, str):
+                strings.append(arg)
+    except Exception:  # not a pickle, or cut short: nothing to name
+        return None
+    return None
 
 
 def is_state_dict(obj):
@@ -88,25 +178,8 @@ def state_dict_of(obj, path):
         return strip_prefixes(obj["model"]), obj
     if is_state_dict(obj):
         return strip_prefixes(obj), {}
-    raise UserError(f"{path} holds no model weights (neither a state_dict nor a {FORMAT} file); "
-                    "give a model_state_*.pytar, model_best.pytar or last.pytar")
-
-
-def arch_label(arch):
-    return (f"{arch['model']} (width {arch['width_mult']:g}, depth {arch['depth_mult']:g}, "
-            f"{'cosine' if arch['coslinear'] else 'plain'} head)")
-
-
-def _guess_arch(state):
-    """Which named model (at its own scaling, either head) has exactly these keys and shapes."""
-    shapes = {k: tuple(v.shape) for k, v in state.items()}
-    for name in models.names():
-        for cos in (True, False):
-            with torch.device("meta"):
-                ref = models.create(name, coslinear=cos)
-            if {k: tuple(v.shape) for k, v in ref.state_dict().items()} == shapes:
-                return arch_label(models.describe(ref))
-    return None
+    raise errors.CheckpointError(f"{path} holds no model weights (neither a state_dict nor a {FORMAT} "
+                                 "file); give a model_state_*.pytar, model_best.pytar or last.pytar")
 
 
 def fit_state_dict(model, state, path, meta=None):
@@ -115,21 +188,20 @@ def fit_state_dict(model, state, path, meta=None):
     arch = (meta or {}).get("arch")
     if arch and any(arch.get(k) != want[k] for k in ("model", "width_mult", "depth_mult", "coslinear",
                                                       "num_classes")):
-        raise UserError(f"{path} is a checkpoint of {arch_label(arch)}, not of {arch_label(want)}; "
-                        "pass the matching --model/--width-mult/--depth-mult/--coslinear")
+        raise errors.ArchitectureMismatch(f"{path} is a checkpoint of {models.label(arch)}, not of "
+                                          f"{models.label(want)}")
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
     if missing or unexpected or wrong:
-        guess = _guess_arch(state)
-        what = f"a checkpoint of {guess}" if guess else "a checkpoint of another model or width"
+        guess = models.identify(state)
+        what = f"a checkpoint of {models.label(guess)}" if guess else "a checkpoint of another model or width"
         detail = (f"{wrong[0]} is {tuple(state[wrong[0]].shape)} in the file, "
                   f"{tuple(own[wrong[0]].shape)} in the model" if wrong else
                   f"{len(missing)} keys missing, {len(unexpected)} unexpected, e.g. "
                   f"{(missing or unexpected)[0]}")
-        raise UserError(f"{path} is {what}, not of {arch_label(want)} ({detail}); pass the matching "
-                        "--model/--width-mult/--depth-mult/--coslinear")
+        raise errors.ArchitectureMismatch(f"{path} is {what}, not of {models.label(want)} ({detail})")
     model.load_state_dict(state)
 
 
@@ -141,6 +213,13 @@ def load_weights(model, path):
     return meta
 
 
+def bare_state(model):
+    """The model's state_dict without DDP or compile prefixes, contiguous (the original's format)."""
+    return {k: v.detach().clone(memory_format=torch.contiguous_format)
+            for k, v in strip_prefixes(model.state_dict()).items()}
+
+
 def weights_file(model, **extra):
     """The wrapped format for model_best.pytar: weights plus what they are and how good they were."""
-    return {"format": FORMAT, "model": model.state_dict(), "arch": models.describe(model), **extra}
+    return with_checksum({"format": FORMAT, "model": bare_state(model), "arch": models.describe(model),
+                          **extra})

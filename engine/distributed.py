@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
-from .errors import UserError
+import errors
 
 
 class Context:
@@ -26,12 +26,12 @@ def pick_device(name, local_rank=0):
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise UserError("--device cuda was given but no CUDA GPU is available; use --device cpu "
-                            "or --device auto")
+            raise errors.ConfigError("CUDA was asked for but no CUDA GPU is available; use cpu or auto",
+                                     setting="device")
         return torch.device("cuda", local_rank % torch.cuda.device_count())
     if name == "cpu":
         return torch.device("cpu")
-    raise UserError(f"unknown --device {name!r}; use auto, cpu or cuda")
+    raise errors.ConfigError(f"unknown device {name!r}; use auto, cpu or cuda", setting="device")
 
 
 def setup(device_name):

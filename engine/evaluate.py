@@ -1,4 +1,4 @@
-"""Evaluation on hard labels: loss, top-1, top-5, correct count, and teacher agreement."""
+"""Evaluation on hard labels: loss, top-1, top-5, correct count, and agreement with a teacher."""
 import argparse
 
 import torch
@@ -8,23 +8,22 @@ import models
 from loss import make_criterion
 
 from . import checkpoint, speed
-from .distributed import all_reduce_sum
+from .meter import Meter
 
 CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
 
 
 @torch.inference_mode()
 def evaluate(model, loader, criterion, autocast, teacher=None, tta=False, keep_mode=False):
-    """Sums over this rank's shard, all-reduced, so every test image counts once across ranks.
+    """Figures over this rank's shard, summed across ranks, so every test image counts once.
 
-    Nothing is read back to the host until the end: the sums stay on the device. keep_mode leaves
-    the module's train/eval state alone (a teacher whose BatchNorm deliberately runs in train mode).
-    """
+    Nothing is read back to the host until the end. With tta the outputs on each image and its
+    mirror are averaged. keep_mode leaves the module's train/eval state alone (a teacher whose
+    BatchNorm deliberately runs in train mode)."""
     was_training = model.training
     if not keep_mode:
         model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=loader.device)
-    count = 0
+    meter = Meter(loader.device)
     for x, y in loader:
         with autocast:
             out = model(x)
@@ -32,40 +31,32 @@ def evaluate(model, loader, criterion, autocast, teacher=None, tta=False, keep_m
                 out = (out + model(x.flip(-1))) / 2
             loss = criterion(out, y)
             t_out = teacher(x) if teacher is not None else None
-        top5 = out.float().topk(min(5, out.shape[1]), dim=1).indices
-        agree = (t_out.float().argmax(1) == top5[:, 0]).sum() if t_out is not None else torch.zeros(
-            (), device=sums.device)
-        sums += torch.stack([loss.double() * len(y), (top5[:, 0] == y).sum().double(),
-                             (top5 == y[:, None]).any(dim=1).sum().double(), agree.double()])
-        count += len(y)
-    totals = torch.cat([sums, torch.tensor([float(count)], dtype=torch.float64).to(sums.device)])
-    loss_sum, c1, c5, agree, n = all_reduce_sum(totals).tolist()
+        meter.update(loss, out, y, t_out.float() if t_out is not None else None, top5=True)
+    result = meter.summary(reduce=True)
     if not keep_mode:
         model.train(was_training)
-    n = max(n, 1.0)
-    result = {"loss": loss_sum / n, "top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n,
-              "correct": int(round(c1)), "total": int(round(n))}
-    if teacher is not None:
-        result["agreement"] = 100.0 * agree / n
+    if teacher is None:
+        del result["agreement"]
     return result
 
 
-def evaluate_checkpoint(model_name, path, data_dir, device, *, coslinear=True, width_mult=None,
-                        depth_mult=None, s=5.0, amp=None, batch_size=1000, test_limit=None, tta=False,
-                        download=False, rank=0, world_size=1):
+def evaluate_checkpoint(cfg, path, ctx, tta=False):
     """test.py's figures for a checkpoint file: (result with reached_80, the loaded model, file meta).
 
-    Inference runs as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU."""
-    fast = argparse.Namespace(amp=amp, channels_last=None, compile=False, fused_optimizer=None)
-    speed.resolve(fast, device)
+    cfg holds model, coslinear, width_mult, depth_mult, s, amp, eval_batch_size, test_limit,
+    data_dir and no_download (test.py's and train.py's settings of those names). Inference runs
+    as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU."""
+    fast = argparse.Namespace(amp=cfg.amp, channels_last=None, compile=False, fused_optimizer=None)
+    speed.resolve(fast, ctx.device)
     fmt = speed.memory_format(fast)
-    model = models.create(model_name, coslinear=coslinear, width_mult=width_mult, depth_mult=depth_mult)
+    model = models.create(cfg.model, head=models.head_name(cfg.coslinear), width_mult=cfg.width_mult,
+                          depth_mult=cfg.depth_mult)
     meta = checkpoint.load_weights(model, path)
-    model.to(device=device, memory_format=fmt)
-    images, labels = data.load_cifar100(data_dir, train=False, download=download)
-    images, labels = data.subset(images, labels, test_limit)
-    loader = data.EvalLoader(images, labels, batch_size, device=device, rank=rank, world_size=world_size,
-                             memory_format=fmt)
-    r = evaluate(model, loader, make_criterion(coslinear, s), speed.autocast(fast, device), tta=tta)
+    model.to(device=ctx.device, memory_format=fmt)
+    images, labels = data.load_cifar100(cfg.data_dir, train=False, download=not cfg.no_download)
+    images, labels = data.subset(images, labels, cfg.test_limit)
+    loader = data.EvalLoader(images, labels, cfg.eval_batch_size, device=ctx.device, rank=ctx.rank,
+                             world_size=ctx.world_size, memory_format=fmt)
+    r = evaluate(model, loader, make_criterion(cfg.coslinear, cfg.s), speed.autocast(fast, ctx.device), tta=tta)
     r["reached_80"] = r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR
     return r, model, meta

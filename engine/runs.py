@@ -1,14 +1,23 @@
-"""Run folders: naming, args.json, status.json, log.txt, metrics.csv, curves.png, and finding a run
-to resume."""
+"""Run folders: naming, locking, the small bookkeeping files, and finding a run to resume.
+
+The one source of truth about a run is its `last.pytar` (engine.saver): position, best epoch,
+history, arguments, finished or not. Everything else in the folder (status.json, metrics.csv,
+curves.png) is derived from it and rewritten from it whenever the run is opened, so a kill or a
+full disk between two writes can damage those files but never the run.
+"""
 import csv
 import datetime
+import fcntl
 import glob
 import io
 import json
 import os
 import sys
+import tempfile
 
-from .errors import UserError
+import errors
+
+from .checkpoint import TMP_PREFIX, fsync_dir, load_file
 
 # Arguments that define what a run computes: a resume must agree on all of them. The rest (device,
 # speed switches, progress, paths) may change between the original run and its resume.
@@ -25,15 +34,43 @@ INHERITED_ARGS = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                  "images_per_s", "seconds")
 REFINED_FIELDS = ("train_agreement", "test_agreement")
+LOCK_FILE = ".lock"
+
+
+def _storage_error(path, e):
+    return errors.StorageError(f"could not write {path}: {e.strerror or e}")
 
 
 def write_text_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    """Write through a uniquely named temporary file, fsync, rename: never half a file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".txt", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(folder)
+    except OSError as e:
+        raise _storage_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path, obj):
+    write_text_atomic(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 
 def run_name(model, coslinear, refined, when=None):
@@ -46,22 +83,23 @@ def check_save_root(root):
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create --save folder {root}: {e.strerror}; choose a writable "
-                        "folder") from None
+        raise errors.ConfigError(f"cannot create the save folder {root}: {e.strerror}; choose a writable "
+                                 "folder", setting="save") from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise UserError(f"--save folder {root} is not writable; choose a writable folder or fix "
-                        "its permissions")
-    probe = os.path.join(root, f".write-test-{os.getpid()}")
+        raise errors.ConfigError(f"the save folder {root} is not writable (permission denied); choose a "
+                                 "writable folder or fix its permissions", setting="save")
+    probe = None
     try:
-        with open(probe, "wb") as f:
+        fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=root)
+        with os.fdopen(fd, "wb") as f:
             f.write(b"\0" * 65536)
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise UserError(f"cannot write into --save folder {root}: {e.strerror}; free disk space or "
-                        "choose another folder") from None
+        raise errors.ConfigError(f"cannot write into the save folder {root}: {e.strerror}; free disk space "
+                                 "or choose another folder", setting="save") from None
     finally:
-        if os.path.exists(probe):
+        if probe and os.path.exists(probe):
             os.unlink(probe)
 
 
@@ -76,6 +114,56 @@ def create_run_dir(root, model, coslinear, refined):
         except FileExistsError:
             n += 1
             path = f"{base}-{n}"
+        except OSError as e:
+            raise _storage_error(path, e) from None
+
+
+def remove_temporaries(folder):
+    """Half-written temporary files left by a killed write (only under the run's lock)."""
+    for path in glob.glob(os.path.join(folder, TMP_PREFIX + "*")):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+class RunLock:
+    """An exclusive lock on a run folder while a process trains in it (flock: released by the
+    kernel when the process dies, so a killed run never leaves a stale lock behind)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+        self.path = os.path.join(folder, LOCK_FILE)
+        self.fd = None
+
+    def acquire(self):
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _storage_error(self.path, e) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise errors.RunError(f"the run {self.folder} is in use by process {holder}; wait for it "
+                                  "to finish or stop it first") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
 
 
 def identity(args_dict):
@@ -87,41 +175,53 @@ def identity_diff(a, b):
     return [k for k in IDENTITY_ARGS if ia[k] != ib[k]]
 
 
-def read_json(path):
+def read_state(folder):
+    """A run's last.pytar (memory-mapped: only the small fields are read), or None when it has none
+    or it is damaged."""
+    path = os.path.join(folder, "last.pytar")
+    if not os.path.isfile(path):
+        return None
     try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
+        return load_file(path, mmap=True)
+    except errors.CheckpointError:
         return None
 
 
-def find_resumable(root, args_dict):
-    """The newest unfinished run under root whose identity arguments equal these."""
+def find_run(root, args_dict):
+    """The newest run under root whose last.pytar has these identity arguments: (folder, finished),
+    or (None, None). Only last.pytar is trusted; a damaged status.json or args.json changes nothing."""
     best = None
-    for status_path in glob.glob(os.path.join(root, "*", "status.json")):
-        folder = os.path.dirname(status_path)
-        status, saved = read_json(status_path), read_json(os.path.join(folder, "args.json"))
-        if not status or not saved or status.get("finished"):
+    for path in glob.glob(os.path.join(root, "*", "last.pytar")):
+        folder = os.path.dirname(path)
+        state = read_state(folder)
+        if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
             continue
-        if not os.path.exists(os.path.join(folder, "last.pytar")) or identity_diff(saved, args_dict):
+        if identity_diff(state["args"], args_dict):
             continue
-        mtime = os.path.getmtime(os.path.join(folder, "last.pytar"))
+        mtime = os.path.getmtime(path)
         if best is None or mtime > best[0]:
-            best = (mtime, folder)
-    return best[1] if best else None
+            best = (mtime, folder, bool(state.get("finished")))
+    return (best[1], best[2]) if best else (None, None)
 
 
 class RunLog:
-    """Prints on the main rank and appends the same lines to log.txt (flushed line by line)."""
+    """Prints on the main rank and appends the same lines to log.txt (flushed line by line). A log
+    file that cannot be written any more (disk full) is dropped with one warning: the console keeps
+    every line and the run goes on."""
 
     def __init__(self, path=None, enabled=True):
         self.enabled = enabled
-        self.file = open(path, "a", buffering=1) if (path and enabled) else None
+        self.file = None
         self.bar_active = False
+        if path:
+            self.attach(path)
 
     def attach(self, path):
         if self.enabled and self.file is None:
-            self.file = open(path, "a", buffering=1)
+            try:
+                self.file = open(path, "a", buffering=1)
+            except OSError as e:
+                raise _storage_error(path, e) from None
 
     def __call__(self, msg=""):
         if not self.enabled:
@@ -132,11 +232,19 @@ class RunLog:
         else:
             print(msg, flush=True)
         if self.file:
-            self.file.write(msg + "\n")
+            try:
+                self.file.write(msg + "\n")
+            except OSError as e:
+                self.file = None
+                print(f"warning: log.txt can no longer be written ({e.strerror}); logging to the console "
+                      "only", flush=True)
 
     def close(self):
         if self.file:
-            self.file.close()
+            try:
+                self.file.close()
+            except OSError:
+                pass
             self.file = None
 
 
@@ -151,27 +259,39 @@ def write_metrics(folder, history, refined):
 
 
 def draw_curves(path, history, title=""):
-    """Loss and accuracy per epoch; a failure to draw never stops training."""
+    """Loss and accuracy per epoch. Returns None, or the reason it could not draw: drawing never
+    stops training."""
+    if not history:
+        return None
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return
-    if not history:
-        return
-    ep = [r["epoch"] for r in history]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    a.plot(ep, [r["train_loss"] for r in history], label="train")
-    a.plot(ep, [r["test_loss"] for r in history], label="test")
-    a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
-    b.plot(ep, [r["train_top1"] for r in history], label="train top-1")
-    b.plot(ep, [r["test_top1"] for r in history], label="test top-1")
-    b.plot(ep, [r["test_top5"] for r in history], label="test top-5")
-    b.set_xlabel("epoch"), b.set_ylabel("accuracy (%)"), b.legend(), b.grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, path)
+        return "matplotlib is not installed"
+    tmp = None
+    try:
+        ep = [r["epoch"] for r in history]
+        fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+        a.plot(ep, [r["train_loss"] for r in history], label="train")
+        a.plot(ep, [r["test_loss"] for r in history], label="test")
+        a.set_xlabel("epoch"), a.set_ylabel("loss"), a.legend(), a.grid(alpha=0.3)
+        b.plot(ep, [r["train_top1"] for r in history], label="train top-1")
+        b.plot(ep, [r["test_top1"] for r in history], label="test top-1")
+        b.plot(ep, [r["test_top5"] for r in history], label="test top-5")
+        b.set_xlabel("epoch"), b.set_ylabel("accuracy (%)"), b.legend(), b.grid(alpha=0.3)
+        fig.suptitle(title)
+        fig.tight_layout()
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, dpi=80, format="png")
+        plt.close(fig)
+        os.replace(tmp, path)
+        tmp = None
+        return None
+    except Exception as e:  # any failure to draw (disk full, a broken backend) only costs the picture
+        plt.close("all")
+        return f"{type(e).__name__}: {e}".splitlines()[0][:160]
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)

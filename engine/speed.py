@@ -1,12 +1,12 @@
 """The fast path per device: autocast dtype, memory format, torch.compile, optimizer kernels.
 
-Each speed-up has a flag; `None` means "pick the fastest for this device".
+Each speed-up has a setting; `None` means "pick the fastest for this device".
 """
 import contextlib
 
 import torch
 
-from .errors import UserError
+import errors
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -18,9 +18,10 @@ def resolve(args, device):
         # bf16 needs no loss scaling and halves activation traffic; on CPUs autocast mostly slows.
         args.amp = "bf16" if cuda else "off"
     if args.amp not in ("bf16", "fp16", "off"):
-        raise UserError(f"unknown --amp {args.amp!r}; use bf16, fp16 or off")
+        raise errors.ConfigError(f"unknown autocast type {args.amp!r}; use bf16, fp16 or off", setting="amp")
     if args.amp == "fp16" and not cuda:
-        raise UserError("--amp fp16 needs a CUDA device; use --amp bf16 or off on the CPU")
+        raise errors.ConfigError("fp16 autocast needs a CUDA device; use bf16 or off on the CPU",
+                                 setting="amp")
     if args.channels_last is None:
         # NHWC suits this network's depthwise and 1x1 convs on both cuDNN and oneDNN (measured
         # 1.4x on CPU for a narrow ex train step; see bench/step.py).
@@ -49,6 +50,7 @@ def autocast(args, device):
 
 
 def make_optimizer(params, args, lr):
+    """SGD as the original entry: momentum, weight decay on all parameters, no Nesterov."""
     kw = dict(lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=False)
     if args.fused_optimizer:
         try:
@@ -58,13 +60,29 @@ def make_optimizer(params, args, lr):
     return torch.optim.SGD(params, foreach=True, **kw)
 
 
-def try_compile(module, probe, log):
-    """torch.compile `module`, proven on one probe call; on any failure, the eager module."""
+def compile_module(module, x, autocast_ctx, log, train=True):
+    """torch.compile `module`, proven on one call on the batch x; on any failure, the eager module.
+
+    A training probe runs forward and backward and then puts back the gradients, BatchNorm
+    statistics and the RNG as they were, so compiling changes no result."""
     try:
         compiled = torch.compile(module)
-        probe(compiled)
+        if train:
+            buffers = [b.clone() for b in module.buffers()]
+            rng = torch.get_rng_state()
+            with autocast_ctx:
+                out = compiled(x)
+            out.float().sum().backward()
+            module.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for b, saved in zip(module.buffers(), buffers):
+                    b.copy_(saved)
+            torch.set_rng_state(rng)
+        else:
+            with torch.no_grad(), autocast_ctx:
+                compiled(x)
         return compiled
     except Exception as e:  # compile back-ends fail in many ways (no compiler, no triton, ...)
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log(f"torch.compile is unavailable here ({type(e).__name__}: {first[:120]}); training eager")
+        log(f"torch.compile is unavailable here ({type(e).__name__}: {first[:120]}); running eager")
         return module

@@ -1,77 +1,43 @@
-"""Model registry: `models.create(name, ...)` builds a named EfficientNet-32 variant."""
-from dataclasses import dataclass
+"""The model family: EfficientNet-32 variants of the original entry (UCI/Qualcomm, 2019), each
+registered with its own facts (scaling, regularisation, LR regime).
 
-import torch
+    import models
+    net = models.create("efficientnet_ex", head="cosine")
+    models.card("efficientnet_ex").epochs   # 75
+"""
+from .efficientnet import EfficientNet32
+from .registry import (HEADS, ModelCard, card, create, describe, head_name, identify, label, names,
+                       register_model)
 
-from .efficientnet import (BASE_STAGES, EfficientNet32, MBConv, ConvUnit, Swish, make_divisible,
-                           resolve)
-from .heads import CosineLinear, L2Norm
-
-
-@dataclass(frozen=True)
-class Scaling:
-    width: float
-    depth: float
-    dropout: float
-    drop_connect: float
+# The original entry's step LR regime (docs/original-entry.md): 0.07, then /10 at epochs 26, 51, 66.
+UCI_REGIME = ((1, 25, 0.07), (26, 50, 0.007), (51, 65, 0.0007), (66, 70, 0.00007))
+# ex and exx trained 5 epochs longer in the last step.
+UCI_REGIME_75 = UCI_REGIME[:-1] + ((66, 75, 0.00007),)
+# The original entry's label-refinery chain: each model refined by the one before it.
+UCI_CHAIN = ("efficientnet_b3", "efficientnet_b3", "efficientnet_b0", "efficientnet_ex")
 
 
 # Compound scaling (width, depth, dropout) of the original entry; drop-connect only where the
-# original had it (b0/b3).
-MODELS = {
-    "efficientnet_b0": Scaling(1.0, 1.0, 0.2, 0.2),
-    "efficientnet_b3": Scaling(1.2, 1.4, 0.3, 0.2),
-    "efficientnet_ex": Scaling(0.8, 0.8, 0.0, 0.0),
-    "efficientnet_exx": Scaling(0.8, 0.7, 0.0, 0.0),
-}
+# original had it (b0, b3).
+@register_model(width=1.0, depth=1.0, dropout=0.2, drop_connect=0.2, lr_regime=UCI_REGIME)
+def efficientnet_b0(**kw):
+    return EfficientNet32(**kw)
 
 
-def names():
-    return sorted(MODELS)
+@register_model(width=1.2, depth=1.4, dropout=0.3, drop_connect=0.2, lr_regime=UCI_REGIME)
+def efficientnet_b3(**kw):
+    return EfficientNet32(**kw)
 
 
-def check_name(name):
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(names())}")
+@register_model(width=0.8, depth=0.8, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75)
+def efficientnet_ex(**kw):
+    return EfficientNet32(**kw)
 
 
-def create(name, num_classes=100, coslinear=True, width_mult=None, depth_mult=None,
-           drop_connect=None, dropout=None, input_size=32, bn_momentum=None):
-    """Build `name`; any of width/depth/drop-connect/dropout given overrides the named scaling.
-
-    bn_momentum overrides the original's 0.01, which needs a few hundred steps before the running
-    statistics (and so the test accuracy) mean anything: short runs want 0.1.
-    """
-    check_name(name)
-    s = MODELS[name]
-    pick = lambda override, default: default if override is None else float(override)
-    width, depth = pick(width_mult, s.width), pick(depth_mult, s.depth)
-    if width <= 0 or depth <= 0:
-        raise ValueError(f"width and depth multipliers must be positive, got {width} and {depth}")
-    model = EfficientNet32(
-        width_mult=width, depth_mult=depth,
-        dropout=pick(dropout, s.dropout), drop_connect_rate=pick(drop_connect, s.drop_connect),
-        num_classes=num_classes, coslinear=coslinear, input_size=input_size,
-    )
-    if bn_momentum is not None:
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.momentum = float(bn_momentum)
-    model.name = name
-    return model
+@register_model(width=0.8, depth=0.7, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75)
+def efficientnet_exx(**kw):
+    return EfficientNet32(**kw)
 
 
-def describe(model):
-    """Short identity of a built model, stored with checkpoints to catch mismatches on load."""
-    return {
-        "model": getattr(model, "name", type(model).__name__),
-        "width_mult": model.width_mult,
-        "depth_mult": model.depth_mult,
-        "coslinear": model.coslinear,
-        "num_classes": model.classifier[-1].kernel.shape[1] if model.coslinear
-        else model.classifier[-1].out_features,
-    }
-
-
-__all__ = ["create", "names", "check_name", "describe", "MODELS", "EfficientNet32", "MBConv",
-           "ConvUnit", "Swish", "CosineLinear", "L2Norm", "make_divisible", "resolve", "BASE_STAGES"]
+__all__ = ["create", "card", "names", "describe", "identify", "label", "head_name", "register_model",
+           "ModelCard", "HEADS", "EfficientNet32", "UCI_REGIME", "UCI_REGIME_75", "UCI_CHAIN"]

@@ -9,7 +9,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from torch.utils.checkpoint import checkpoint
@@ -73,11 +72,29 @@ def resolve(width_mult, depth_mult, stages=BASE_STAGES):
     return stem, blocks, round_channels(HEAD_CHANNELS, width_mult)
 
 
-class Swish(nn.Module):
-    """x * sigmoid(x); F.silu computes it in one fused kernel (forward and backward)."""
+class Swish(nn.SiLU):
+    """x * sigmoid(x), the original's name for SiLU: F.silu computes it in one fused kernel
+    (forward and backward). A subclass, so that counting by layer type costs it as SiLU."""
 
-    def forward(self, x):
-        return F.silu(x)
+
+class Add(nn.Module):
+    """a + b, elementwise: MBConv's residual add as a parameter-free leaf module, so that forward
+    hooks (the op counter, docs/counting.md) see it. No parameters, so no state-dict keys."""
+
+    layer_kind = "add"
+
+    def forward(self, a, b):
+        return a + b
+
+
+class Mul(nn.Module):
+    """a * b, elementwise with broadcasting: the squeeze-excite gate `x * gate` as a parameter-free
+    leaf module, so that forward hooks see it. No parameters, so no state-dict keys."""
+
+    layer_kind = "mul"
+
+    def forward(self, a, b):
+        return a * b
 
 
 def same_padding(kernel, stride):
@@ -118,9 +135,11 @@ class SqueezeExcite(nn.Module):
             nn.Conv2d(squeezed, channels, 1),
             nn.Sigmoid(),
         )
+        # Outside `se`, so that its indices (and the state-dict keys) stay the original's.
+        self.mul = Mul()
 
     def forward(self, x):
-        return x * self.se(x)
+        return self.mul(x, self.se(x))
 
 
 def drop_connect(x, rate, training):
@@ -150,11 +169,13 @@ class MBConv(nn.Module):
         self.conv = nn.Sequential(*layers)
         self.residual = spec.stride == 1 and spec.c_in == spec.c_out
         self.drop_connect_rate = drop_connect_rate if self.residual else 0.0
+        # Beside `conv`, not in it: the Sequential's indices are the original's checkpoint keys.
+        self.add = Add()
 
     def forward(self, x):
         out = self.conv(x)
         if self.residual:
-            out = x + drop_connect(out, self.drop_connect_rate, self.training)
+            out = self.add(x, drop_connect(out, self.drop_connect_rate, self.training))
         return out
 
 

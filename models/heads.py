@@ -11,6 +11,9 @@ NORM_EPS = 1e-12
 class L2Norm(nn.Module):
     """Scale each row to unit length (parameter-free: index 1 of the original's cosine head)."""
 
+    # How the op counter costs this layer (docs/counting.md): normalisation along `self.dim`.
+    layer_kind = "l2norm"
+
     def __init__(self, dim=1, eps=NORM_EPS):
         super().__init__()
         self.dim, self.eps = dim, eps
@@ -25,6 +28,10 @@ class CosineLinear(nn.Module):
     The model returns cosines in [-1, 1]; the scale s lives in the loss, not here.
     `kernel` is [in_features, num_classes], the original's shape and key name.
     """
+
+    # How the op counter costs this layer (docs/counting.md): a matmul of the input against the
+    # column-normalised `self.kernel` ([in, out]).
+    layer_kind = "cosine"
 
     def __init__(self, in_features, num_classes):
         super().__init__()

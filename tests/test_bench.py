@@ -92,39 +92,51 @@ def test_step_rejects_unknown_mode():
         step.parse_args(["--device", "cpu", "--modes", "eager-fp32,warp-speed"])
 
 
-# ---------------------------------------------------------------- data.py
+# ---------------------------------------------------------------- augmentation.py
 
 
-def test_data_bench(tmp_path, capsys):
+def test_augmentation_bench(tmp_path, capsys):
     """Real CIFAR-100 (first 1,000 images) when CIFAR100_DIR is set, else synthetic images."""
-    from bench import data as bench_data
+    from bench import augmentation
     out = tmp_path / "data.json"
     src = os.environ.get("CIFAR100_DIR")
     data_args = ["--data_dir", src, "--limit", "1000"] if src else ["--synthetic", "1000"]
-    assert bench_data.main(["--device", "cpu", *data_args, "--batch-size", "64", "--seconds", "1",
-                            "--rounds", "1", "--threads", "1", "--json", str(out)]) == 0
+    assert augmentation.main(["--device", "cpu", *data_args, "--batch-size", "64", "--seconds", "1",
+                              "--rounds", "1", "--threads", "1", "--json", str(out)]) == 0
     doc = json.loads(out.read_text())
     for key in ("ours_images_per_s", "torchvision_images_per_s", "ratio", "device", "batch_size", "torch",
                 "cpu_count"):
         assert key in doc
+    assert doc["bench"] == "data" and doc["recipe"] == "uci"
     assert doc["ours_images_per_s"] > 0 and doc["torchvision_images_per_s"] > 0
     assert doc["ratio"] == pytest.approx(doc["ours_images_per_s"] / doc["torchvision_images_per_s"])
     assert doc["images"] == 1000 and doc["batch_size"] == 64
-    assert "torchvision, 2 workers" in capsys.readouterr().out
+    # On the CPU the fast path is timed against the reference definition it equals.
+    assert doc["fast_path"] == "data/augment_cpu.py" and list(doc["reference_images_per_s_by_threads"]) == ["1"]
+    assert doc["fast_path_gain"] == pytest.approx(
+        doc["ours_images_per_s"] / doc["reference_images_per_s_by_threads"]["1"])
+    printed = capsys.readouterr().out
+    assert "torchvision, 2 workers" in printed and "reference definition, 1 thread" in printed
+
+
+def test_augmentation_bench_runs_as_a_script():
+    # No sys.path edits: the installed project's `data` package, not a file in bench/, is imported.
+    proc = run_script("augmentation.py", "--help")
+    assert "torchvision" in proc.stdout
 
 
 def test_torchvision_side_is_the_original_recipe():
-    from bench import data as bench_data
+    from bench import augmentation
     images = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8)
-    loader = bench_data.torchvision_loader(images, torch.arange(10), 4, 0, torch.device("cpu"))
+    loader = augmentation.torchvision_loader(images, torch.arange(10), 4, 0, torch.device("cpu"))
     assert len(loader.dataset) == 30  # three copies
     x, y = next(iter(loader))
     assert x.shape == (4, 3, 32, 32) and x.dtype == torch.float32 and y.shape == (4,)
-    names = [[type(t).__name__ for t in c.transforms] for c in bench_data.torchvision_recipe()]
+    names = [[type(t).__name__ for t in c.transforms] for c in augmentation.torchvision_recipe()]
     assert names == [["ColorJitter", "RandomHorizontalFlip", "ToTensor", "Normalize"],
                      ["ColorJitter", "RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"],
                      ["RandomResizedCrop", "RandomHorizontalFlip", "ToTensor", "Normalize"]]
-    crop = bench_data.torchvision_recipe()[1].transforms[1]
+    crop = augmentation.torchvision_recipe()[1].transforms[1]
     assert crop.scale == (0.3, 1.0) and crop.ratio == (0.8, 1.2)
 
 

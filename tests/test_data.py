@@ -1,7 +1,11 @@
-"""Tests for data/: CIFAR-100 reading and validation, batched augmentation, device-resident loaders."""
+"""Tests for data/: CIFAR-100 reading and validation, the augmentation recipes against torchvision's
+transforms, the CPU fast path against the reference, and the device-resident loaders."""
+import builtins
 import math
 import os
 import pickle
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -11,12 +15,9 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
 import data
-from data import augment
-from data import (AUG_RECIPES, MEAN, STD, EvalLoader, TrainLoader, color_jitter, copies, crop_boxes,
-                  hflip, jitter_params, load_cifar100, make_augment, pad_crop, random_resized_crop,
-                  resized_crop, subset)
-from engine.errors import UserError
-
+import errors
+from data import (AUG_RECIPES, MEAN, STD, EvalLoader, TrainLoader, augment, augment_cpu, copies,
+                  load_cifar100, make_pipeline, recipe_name, subset)
 
 # Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -33,6 +34,21 @@ def ks_stat(a, b):
     fa = np.searchsorted(a, points, side="right") / len(a)
     fb = np.searchsorted(b, points, side="right") / len(b)
     return np.abs(fa - fb).max()
+
+
+def assert_plain(e):
+    """A library message: one line, naming no command-line flag (the scripts add those)."""
+    msg = str(e.value)
+    assert "\n" not in msg and "--" not in msg, msg
+    return msg
+
+
+def test_data_imports_no_engine_refinery_torchscope_or_scripts():
+    code = ("import sys, data; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'engine', 'refinery', 'torchscope', 'cli', 'train', 'test', 'chain', 'models', 'loss'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.stdout.strip() == "[]"
 
 
 # ---------------------------------------------------------------- CIFAR-100 files
@@ -85,21 +101,21 @@ def test_rejects_invalid_contents(tmp_path, change, needle):
     obj = fake_split()
     change(obj)
     path = write_split(tmp_path, obj)
-    with pytest.raises(UserError, match=needle) as e:
+    with pytest.raises(errors.DataError, match=needle) as e:
         load_cifar100(tmp_path, train=False, download=False)
-    assert str(path) in str(e.value) and "delete it" in str(e.value)
-    assert "\n" not in str(e.value)
+    assert str(path) in assert_plain(e) and "delete it" in str(e.value)
+    assert type(e.value) is errors.DataError
 
 
 def test_rejects_train_file_of_test_size(tmp_path):
     write_split(tmp_path, fake_split(), split="train")
-    with pytest.raises(UserError, match="50000"):
+    with pytest.raises(errors.DataError, match="50000"):
         load_cifar100(tmp_path, train=True, download=False)
 
 
 def test_rejects_non_dict(tmp_path):
     write_split(tmp_path, [1, 2, 3])
-    with pytest.raises(UserError, match="expected a dict"):
+    with pytest.raises(errors.DataError, match="expected a dict"):
         load_cifar100(tmp_path, train=False, download=False)
 
 
@@ -109,9 +125,9 @@ def test_rejects_truncated_or_corrupt_file(tmp_path, damage):
     blob = path.read_bytes()
     blob = {"truncate": blob[:len(blob) // 2], "garbage": os.urandom(5000), "empty": b""}[damage]
     path.write_bytes(blob)
-    with pytest.raises(UserError, match="delete it") as e:
+    with pytest.raises(errors.DataError, match="delete it") as e:
         load_cifar100(tmp_path, train=False, download=False)
-    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert str(path) in assert_plain(e) and "corrupt" in str(e.value)
 
 
 class _Exploit:
@@ -134,22 +150,22 @@ def test_restricted_unpickler_refuses_foreign_globals(tmp_path, payload, protoco
     obj = fake_split(n=100)
     obj["data"] = _Exploit(marker) if payload == "system" else _Eval()
     write_split(tmp_path, obj, protocol=protocol)
-    with pytest.raises(UserError, match="refusing to unpickle") as e:
+    with pytest.raises(errors.DataError, match="refusing to unpickle") as e:
         load_cifar100(tmp_path, train=False, download=False)
-    assert (".system" if payload == "system" else ".eval") in str(e.value)
+    assert (".system" if payload == "system" else ".eval") in assert_plain(e)
     assert "not a CIFAR-100 pickle" in str(e.value)
     assert not marker.exists()
 
 
 def test_missing_data_without_download_names_path(tmp_path, monkeypatch):
     monkeypatch.setattr(data.cifar, "_download", lambda root: pytest.fail("must not download"))
-    with pytest.raises(UserError) as e:
+    with pytest.raises(errors.DataNotFound) as e:
         load_cifar100(tmp_path / "nowhere", train=True, download=False)
-    msg = str(e.value)
-    assert str(tmp_path / "nowhere" / "cifar-100-python" / "train") in msg and "--data_dir" in msg
+    msg = assert_plain(e)
+    assert str(tmp_path / "nowhere" / "cifar-100-python" / "train") in msg and "not found" in msg
 
 
-def test_download_failure_says_where_and_how(tmp_path, monkeypatch):
+def test_download_failure_says_where(tmp_path, monkeypatch):
     calls = []
 
     def offline(root):
@@ -157,18 +173,85 @@ def test_download_failure_says_where_and_how(tmp_path, monkeypatch):
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
 
     monkeypatch.setattr(data.cifar, "_download", offline)
-    with pytest.raises(UserError) as e:
+    with pytest.raises(errors.DownloadFailed) as e:
         load_cifar100(tmp_path, train=False, download=True)
-    msg = str(e.value)
+    msg = assert_plain(e)
     assert calls == [str(tmp_path)]
-    assert str(tmp_path / "cifar-100-python") in msg
-    assert "internet" in msg and "--data_dir" in msg and "--no-download" in msg
+    assert str(tmp_path / "cifar-100-python") in msg and "name resolution" in msg
 
 
 def test_download_is_used_when_missing(tmp_path, monkeypatch):
     monkeypatch.setattr(data.cifar, "_download", lambda root: write_split(tmp_path, fake_split()))
     x, y = load_cifar100(tmp_path, train=False)
     assert len(x) == len(y) == 10_000
+
+
+def assert_permission_error(e, path):
+    msg = assert_plain(e)
+    assert type(e.value) is errors.DataPermission and isinstance(e.value, errors.DataError)
+    assert "permission" in msg and str(path) in msg
+    assert "corrupt" not in msg and "not found" not in msg
+
+
+def test_unreadable_file_is_a_permission_error(tmp_path, monkeypatch):
+    # As root chmod 000 does not stop reads: the OS's refusal is simulated (the real one is below).
+    path = write_split(tmp_path, fake_split())
+    real_open = builtins.open
+
+    def refusing_open(file, *args, **kwargs):
+        if os.fspath(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", refusing_open)
+    with pytest.raises(errors.DataPermission) as e:
+        load_cifar100(tmp_path, train=False, download=False)
+    assert_permission_error(e, path)
+
+
+@pytest.mark.parametrize("download", [False, True])
+def test_unsearchable_folder_is_a_permission_error_not_missing_data(tmp_path, monkeypatch, download):
+    path = write_split(tmp_path, fake_split())
+    real_stat = os.stat
+    monkeypatch.setattr(data.cifar, "_download", lambda root: pytest.fail("must not download"))
+
+    def refusing_stat(p, *args, **kwargs):  # what stat says inside a folder without search permission
+        if os.fspath(p).startswith(str(path.parent) + os.sep):
+            raise PermissionError(13, "Permission denied", os.fspath(p))
+        return real_stat(p, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", refusing_stat)
+    with pytest.raises(errors.DataPermission) as e:
+        load_cifar100(tmp_path, train=False, download=download)
+    assert_permission_error(e, path)
+
+
+def test_download_into_unwritable_folder_is_a_permission_error(tmp_path, monkeypatch):
+    def denied(root):
+        raise PermissionError(13, "Permission denied", root)
+
+    monkeypatch.setattr(data.cifar, "_download", denied)
+    with pytest.raises(errors.DataPermission) as e:
+        load_cifar100(tmp_path, train=False, download=True)
+    assert_permission_error(e, tmp_path / "cifar-100-python")
+
+
+@pytest.mark.parametrize("what", ["file", "folder"])
+def test_chmod_000_is_a_permission_error(tmp_path, what):
+    path = write_split(tmp_path, fake_split())
+    target = path if what == "file" else path.parent
+    target.chmod(0)
+    try:
+        try:
+            with open(path, "rb"):
+                pytest.skip("chmod has no effect for this user (root): covered by the simulated tests")
+        except PermissionError:
+            pass
+        with pytest.raises(errors.DataPermission) as e:
+            load_cifar100(tmp_path, train=False, download=False)
+        assert_permission_error(e, path)
+    finally:
+        target.chmod(0o755)
 
 
 # ---------------------------------------------------------------- real CIFAR-100 (CIFAR100_DIR)
@@ -193,72 +276,123 @@ def test_real_cifar100(real_dir, train, n):
     assert y[:100].tolist() == plain["fine_labels"][:100]
 
 
-# ---------------------------------------------------------------- augmentation
+# ---------------------------------------------------------------- recipes
 
 
 def images(b=64, seed=0, lo=0.0, hi=1.0):
     return lo + (hi - lo) * torch.rand(b, 3, 32, 32, generator=gen(seed))
 
 
-def test_color_jitter_identity_and_range():
-    x = images()
-    assert torch.equal(color_jitter(x, 0.0, 0.0, gen()), x)
-    y = color_jitter(x, 0.4, 0.4, gen())
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1 and not torch.equal(x, y)
+def split(aug, draws):
+    """A recipe's draws [n, K] as {op name: its columns}."""
+    names = augment.ops(aug)
+    parts = draws.split([augment.OPS[name].columns for name in names], 1)
+    return dict(zip(names, parts))
+
+
+def test_recipes_and_copies():
+    assert AUG_RECIPES == ("uci", "standard", "none")
+    assert [copies(a) for a in AUG_RECIPES] == [3, 1, 1]
+    assert augment.ops("uci") == ("jitter", "crop", "flip") and augment.ops("standard") == ("shift", "flip")
+    assert augment.ops("none") == ()
+    for bad in ("autoaugment", "cutmix"):
+        with pytest.raises(errors.ConfigError, match="uci, standard, none") as e:
+            copies(bad)
+        assert e.value.setting == "aug" and bad in assert_plain(e)
+    x = images(32)
+    draws = augment.draw("none", torch.zeros(32, dtype=torch.long), gen())
+    assert draws.shape == (32, 0) and torch.equal(augment.apply("none", x, draws), x)
+
+
+def test_seed_is_an_alias_of_uci():
+    assert recipe_name("seed") == "uci" == recipe_name("uci") and copies("seed") == 3
+    copy_id = torch.arange(30) % 3
+    assert torch.equal(augment.draw("seed", copy_id, gen(2)), augment.draw("uci", copy_id, gen(2)))
+    x, y = fake_data(60)
+    a, b = TrainLoader(x, y, 32, aug="seed", seed=1), TrainLoader(x, y, 32, aug="uci", seed=1)
+    assert a.aug == "uci" and a.copies == 3
+    for (xa, ya), (xb, yb) in zip(a, b):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+
+
+def test_uci_recipe_is_the_originals():
+    # SPEC section 3: the enlarged epoch, one transform per copy.
+    assert augment.RECIPES["uci"] == (
+        {"jitter": (0.2, 0.2), "flip": (0.5,)},
+        {"jitter": (0.4, 0.4), "crop": (0.3, 1.0, 0.8, 1.2), "flip": (0.5,)},
+        {"crop": (0.08, 1.0, 3 / 4, 4 / 3), "flip": (0.5,)})
+    assert augment.RECIPES["standard"] == ({"shift": (4.0,), "flip": (0.5,)},)
+    assert MEAN == (0.4914, 0.4822, 0.4465) and STD == (0.2470, 0.2435, 0.2616)
+
+
+def torchvision_ops(copy, choices):
+    """One sample's transform of a recipe copy, as torchvision's functional ops with given choices."""
+    steps = []
+    if "jitter" in copy:
+        b, c, contrast_first = choices["jitter"].tolist()
+        pair = [lambda t: TF.adjust_brightness(t, b), lambda t: TF.adjust_contrast(t, c)]
+        steps += pair[::-1] if contrast_first else pair
+    if "crop" in copy:
+        top, left, h, w = (int(v) for v in choices["crop"])
+        steps.append(lambda t: TF.resized_crop(t, top, left, h, w, [32, 32], antialias=True))
+    if "shift" in copy:
+        pad = int(copy["shift"][0])
+        dy, dx = (int(v) + pad for v in choices["shift"])  # RandomCrop's top, left in the padded image
+        steps.append(lambda t: TF.crop(TF.pad(t, [pad]), dy, dx, 32, 32))
+    if choices["flip"].item():
+        steps.append(TF.hflip)
+    return steps
+
+
+@pytest.mark.parametrize("aug", ["uci", "standard"])
+def test_recipe_outputs_equal_torchvision_transforms(aug):
+    # Every sample of every copy: our batched ops = torchvision's transforms with the same choices.
+    n = 96
+    x, copy_id = images(n), torch.arange(n) % copies(aug)
+    draws = augment.draw(aug, copy_id, gen(3))
+    out = augment.apply(aug, x, draws)
+    choices = split(aug, draws)
+    for i in range(n):
+        ref = x[i]
+        for step in torchvision_ops(augment.RECIPES[aug][copy_id[i]], {k: v[i] for k, v in choices.items()}):
+            ref = step(ref)
+        torch.testing.assert_close(out[i], ref, atol=2e-6, rtol=0)
+    assert out.min() >= 0 and out.max() <= 1
+
+
+def test_ops_with_identity_numbers_change_nothing():
+    x, n = images(64), 64
+    for name, op in augment.OPS.items():
+        numbers = torch.tensor([op.identity] * n)
+        assert torch.equal(op.apply(x, op.draw(numbers, gen(), (32, 32))), x), name
 
 
 @pytest.mark.parametrize("v", [0.2, 0.4, 1.5])
 def test_jitter_factor_distribution(v):
     n = 20_000
-    fb, fc, contrast_first = jitter_params(n, v, v, gen())
+    choices = augment.draw_jitter(torch.full((n, 2), v), gen(), (32, 32))
     lo, hi = max(0.0, 1 - v), 1 + v
-    for f in (fb, fc):
+    for f in (choices[:, 0], choices[:, 1]):
         assert f.min() >= lo and f.max() <= hi
         assert abs(f.mean().item() - (lo + hi) / 2) < 0.01 * (hi - lo) + 1e-3
         ref = np.random.default_rng(0).uniform(lo, hi, n)
         assert ks_stat(f.numpy(), ref) < 0.03
-    assert abs(contrast_first.float().mean().item() - 0.5) < 0.02
+    assert abs(choices[:, 2].mean().item() - 0.5) < 0.02
 
 
-def test_color_jitter_matches_torchvision_per_sample():
-    x = images(32)
-    out = color_jitter(x, 0.4, 0.4, gen(3))
-    fb, fc, contrast_first = jitter_params(32, 0.4, 0.4, gen(3))
-    for i in range(32):
-        ref = x[i]
-        ops = [lambda t: TF.adjust_brightness(t, fb[i].item()), lambda t: TF.adjust_contrast(t, fc[i].item())]
-        for op in (ops[::-1] if contrast_first[i] else ops):
-            ref = op(ref)
-        # torchvision weighs red 0.2989 in its grey level, we use 0.299.
-        torch.testing.assert_close(out[i], ref, atol=1e-3, rtol=0)
-
-
-def test_random_resized_crop_identity_and_range():
-    x = images()
-    assert torch.equal(random_resized_crop(x, (1.0, 1.0), (1.0, 1.0), gen()), x)
-    y = random_resized_crop(x, (0.08, 1.0), (3 / 4, 4 / 3), gen())
-    assert y.shape == x.shape and y.min() >= 0 and y.max() <= 1
-
-
-def test_resized_crop_matches_torchvision():
-    x = images(48)
-    boxes = crop_boxes(48, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen(5))
-    out = resized_crop(x, *boxes)
-    for i in range(48):
-        top, left, h, w = (int(b[i]) for b in boxes)
-        ref = TF.resized_crop(x[i], top, left, h, w, [32, 32], antialias=True)
-        torch.testing.assert_close(out[i], ref, atol=1e-5, rtol=0)
+def crop_params_torchvision(n, scale, ratio):
+    torch.manual_seed(1)
+    return np.array([T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), scale, ratio) for _ in range(n)])
 
 
 @pytest.mark.parametrize("scale, ratio", [((0.3, 1.0), (0.8, 1.2)), ((0.08, 1.0), (3 / 4, 4 / 3))])
 def test_crop_box_distribution_matches_torchvision(scale, ratio):
     n = 20_000
-    top, left, h, w = (t.numpy() for t in crop_boxes(n, 32, 32, scale, ratio, gen(1)))
-    torch.manual_seed(1)
-    img = torch.zeros(3, 32, 32)
-    ref = np.array([T.RandomResizedCrop.get_params(img, scale, ratio) for _ in range(n)])
+    boxes = augment.draw_crop(torch.tensor([[*scale, *ratio]]).expand(n, 4), gen(1), (32, 32))
+    top, left, h, w = boxes.numpy().T
+    ref = crop_params_torchvision(n, scale, ratio)
     assert (h >= 1).all() and (w >= 1).all() and (top + h <= 32).all() and (left + w <= 32).all()
-    assert (top >= 0).all() and (left >= 0).all()
+    assert (top >= 0).all() and (left >= 0).all() and (boxes == boxes.round()).all()
     assert ks_stat(h * w / 1024, ref[:, 2] * ref[:, 3] / 1024) < 0.03
     assert ks_stat(w / h, ref[:, 3] / ref[:, 2]) < 0.03
     assert ks_stat(top, ref[:, 0]) < 0.03 and ks_stat(left, ref[:, 1]) < 0.03
@@ -269,89 +403,81 @@ def test_crop_box_distribution_matches_torchvision(scale, ratio):
                                           ((5.0, 6.0), (0.2, 0.5))])
 def test_crop_box_fallback_matches_torchvision(scale, ratio):
     # No attempt can fit, so both fall back to the same deterministic central crop.
-    ours = [int(t[0]) for t in crop_boxes(4, 32, 32, scale, ratio, gen())]
+    ours = augment.draw_crop(torch.tensor([[*scale, *ratio]]).expand(4, 4), gen(), (32, 32))[0].tolist()
     assert ours == list(T.RandomResizedCrop.get_params(torch.zeros(3, 32, 32), scale, ratio))
 
 
-def test_crop_boxes_per_sample_parameters():
-    scale = torch.tensor([[1.0, 1.0], [0.08, 0.1]]).repeat(500, 1)
-    ratio = torch.tensor([[1.0, 1.0], [3 / 4, 4 / 3]]).repeat(500, 1)
-    top, left, h, w = crop_boxes(1000, 32, 32, scale, ratio, gen())
-    assert (h[0::2] == 32).all() and (w[0::2] == 32).all() and (top[0::2] == 0).all()
-    assert (h[1::2] * w[1::2] <= 0.1 * 1024 + 12).all()
+def test_uci_draws_follow_each_copys_transform():
+    # The recipe's draws, copy by copy, have the distributions of that copy's torchvision transform.
+    n = 20_000
+    for copy in range(3):
+        c = split("uci", augment.draw("uci", torch.full((n,), copy), gen(copy)))
+        factors = c["jitter"][:, :2]
+        if copy == 2:
+            assert (factors == 1).all()  # no ColorJitter in copy 3
+        else:
+            v = (0.2, 0.4)[copy]
+            assert factors.min() >= 1 - v and factors.max() <= 1 + v
+            assert ks_stat(factors[:, 0].numpy(), np.random.default_rng(0).uniform(1 - v, 1 + v, n)) < 0.03
+        top, left, h, w = c["crop"].numpy().T
+        if copy == 0:
+            assert (h == 32).all() and (w == 32).all() and (top == 0).all() and (left == 0).all()
+        else:
+            scale, ratio = ((0.3, 1.0), (0.8, 1.2)) if copy == 1 else ((0.08, 1.0), (3 / 4, 4 / 3))
+            ref = crop_params_torchvision(n, scale, ratio)
+            assert ks_stat(h * w, ref[:, 2] * ref[:, 3]) < 0.03
+            assert ks_stat(w / h, ref[:, 3] / ref[:, 2]) < 0.03
+        assert abs(c["flip"].mean().item() - 0.5) < 0.02
 
 
-def test_hflip():
-    x = images()
-    assert torch.equal(hflip(x, 0.0, gen=gen()), x)
-    assert torch.equal(hflip(x, 1.0, gen=gen()), x.flip(-1))
-    y = hflip(x, 0.5, gen=gen())
-    flipped = (y == x.flip(-1)).flatten(1).all(1)
-    assert (flipped | (y == x).flatten(1).all(1)).all()
-    rate = hflip(torch.arange(20_000.0).view(-1, 1, 1, 2), 0.5, gen=gen()).flatten(1)[:, 0] % 2
-    assert abs(rate.mean().item() - 0.5) < 0.02
+def test_standard_shifts_cover_every_offset():
+    n = 4000
+    c = split("standard", augment.draw("standard", torch.zeros(n, dtype=torch.long), gen()))
+    offsets = {tuple(v) for v in c["shift"].long().tolist()}
+    assert offsets == {(dy, dx) for dy in range(-4, 5) for dx in range(-4, 5)}
+    assert abs(c["flip"].mean().item() - 0.5) < 0.03
 
 
-def test_pad_crop_gives_shifted_copies():
-    x = images(400)
-    y = pad_crop(x, 4, gen=gen())
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    seen = set()
-    for i in range(len(x)):
-        hits = [(dy, dx) for dy in range(9) for dx in range(9)
-                if torch.equal(y[i], padded[i, :, dy:dy + 32, dx:dx + 32])]
-        assert len(hits) == 1
-        seen.add(hits[0])
-    assert len(seen) == 81
-    assert torch.equal(pad_crop(x, 0, gen=gen()), x)
-
-
-def test_recipes_and_copies():
-    assert AUG_RECIPES == ("seed", "standard", "none")
-    assert [copies(a) for a in AUG_RECIPES] == [3, 1, 1]
-    with pytest.raises(UserError, match="seed, standard, none"):
-        copies("autoaugment")
-    x = images(32)
-    assert torch.equal(make_augment("none")(x, torch.zeros(32, dtype=torch.long), gen()), x)
-
-
-def test_standard_recipe_is_shift_and_flip():
-    x = images(64)
-    y = make_augment("standard")(x, torch.zeros(64, dtype=torch.long), gen())
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
-    for i in range(64):
-        views = [padded[i, :, dy:dy + 32, dx:dx + 32] for dy in range(9) for dx in range(9)]
-        assert any(torch.equal(y[i], v) or torch.equal(y[i], v.flip(-1)) for v in views)
-
-
-def test_seed_recipe_applies_each_copys_ops():
-    aug = make_augment("seed")
-    n = 256
-    # Copy 0: jitter + flip only, so each image is an exact affine map of itself or its mirror.
-    x = images(n, lo=0.35, hi=0.65)
-    y = aug(x, torch.zeros(n, dtype=torch.long), gen())
-    corr = [max(np.corrcoef(y[i].flatten(), x[i].flatten())[0, 1],
-                np.corrcoef(y[i].flatten(), x[i].flip(-1).flatten())[0, 1]) for i in range(n)]
-    assert min(corr) > 0.9999
-    assert not torch.equal(y, x)
-    # Copies 1 and 2 crop, which breaks that for most images.
-    for copy in (1, 2):
-        y = aug(x, torch.full((n,), copy), gen())
-        corr = [max(np.corrcoef(y[i].flatten(), x[i].flatten())[0, 1],
-                    np.corrcoef(y[i].flatten(), x[i].flip(-1).flatten())[0, 1]) for i in range(n)]
-        assert np.mean(np.array(corr) < 0.999) > 0.5
-    # Copy 2 has no jitter: a flat colour stays exactly that colour; copy 1 changes it.
-    flat = torch.rand(n, 3, 1, 1, generator=gen(2)).expand(n, 3, 32, 32).contiguous() * 0.5 + 0.25
-    assert torch.allclose(aug(flat, torch.full((n,), 2), gen()), flat, atol=1e-6)
-    changed = (aug(flat, torch.full((n,), 1), gen()) - flat).abs().flatten(1).amax(1) > 1e-3
-    assert changed.float().mean() > 0.9
-
-
-def test_augment_is_reproducible():
-    aug = make_augment("seed")
+def test_draws_are_reproducible():
     x, copy_id = images(64), torch.arange(64) % 3
-    assert torch.equal(aug(x, copy_id, gen(7)), aug(x, copy_id, gen(7)))
-    assert not torch.equal(aug(x, copy_id, gen(7)), aug(x, copy_id, gen(8)))
+    a, b = augment.draw("uci", copy_id, gen(7)), augment.draw("uci", copy_id, gen(7))
+    assert torch.equal(a, b) and torch.equal(augment.apply("uci", x, a), augment.apply("uci", x, b))
+    assert not torch.equal(a, augment.draw("uci", copy_id, gen(8)))
+
+
+# ---------------------------------------------------------------- the CPU fast path
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
+def test_fast_path_equals_reference(memory_format):
+    assert augment_cpu.supports("uci", "cpu") and augment_cpu.supports("seed", "cpu")
+    assert not augment_cpu.supports("standard", "cpu") and not augment_cpu.supports("uci", "cuda")
+    u8 = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
+    u8[:20] = 0  # flat and saturated images exercise the clamps
+    u8[20:40] = 255
+    draws = augment.draw("uci", torch.arange(300) % 3, gen(4))
+    fast = make_pipeline("uci", "cpu", memory_format)
+    ref = make_pipeline("uci", "cpu", memory_format, fast=False)
+    out = fast(u8, draws)
+    torch.testing.assert_close(out, ref(u8, draws), atol=1e-5, rtol=0)
+    assert out.is_contiguous(memory_format=memory_format)
+    # Any sub-batch gives the same images: slicing never changes a sample's result.
+    torch.testing.assert_close(fast(u8[37:74], draws[37:74]), out[37:74], atol=1e-6, rtol=0)
+    # Extreme jitter factors: brightness and contrast factor 0 and 2, both orders.
+    wild = draws.clone()
+    wild[:, 0] = torch.tensor([0.0, 2.0]).repeat(150)
+    wild[:, 1] = torch.tensor([0.0, 0.0, 2.0, 2.0]).repeat(75)
+    wild[:, 2] = torch.arange(300) % 3 == 0
+    torch.testing.assert_close(fast(u8, wild), ref(u8, wild), atol=1e-5, rtol=0)
+
+
+def test_fast_loader_equals_reference_loader():
+    x, y = fake_data()
+    fast = TrainLoader(x, y, 64, aug="uci", seed=3, memory_format=torch.channels_last)
+    ref = TrainLoader(x, y, 64, aug="uci", seed=3, memory_format=torch.channels_last, fast=False)
+    for (xa, ya), (xb, yb) in zip(fast, ref):
+        assert torch.equal(ya, yb)
+        torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- loaders
@@ -372,8 +498,8 @@ def collect(loader, **kw):
 
 
 @pytest.mark.parametrize("aug, ws, drop_last, expected", [
-    ("seed", 1, False, math.ceil(900 / 64)), ("seed", 1, True, 900 // 64),
-    ("seed", 2, False, math.ceil(450 / 64)), ("standard", 1, False, math.ceil(300 / 64)),
+    ("uci", 1, False, math.ceil(900 / 64)), ("uci", 1, True, 900 // 64),
+    ("uci", 2, False, math.ceil(450 / 64)), ("standard", 1, False, math.ceil(300 / 64)),
     ("none", 3, True, 100 // 64)])
 def test_train_loader_len(aug, ws, drop_last, expected):
     x, y = fake_data()
@@ -385,7 +511,7 @@ def test_train_loader_len(aug, ws, drop_last, expected):
 
 def test_train_epoch_visits_every_sample_once():
     x, y = fake_data()
-    loader = TrainLoader(x, y, 64, aug="seed", seed=3)
+    loader = TrainLoader(x, y, 64, aug="uci", seed=3)
     loader.set_epoch(2)
     idx = loader.indices()
     assert torch.equal(idx.sort().values, torch.arange(900))
@@ -420,20 +546,22 @@ def test_train_permutation_depends_on_seed_and_epoch_only():
     assert not torch.equal(c.indices(), a.indices())
 
 
-def test_train_resume_mid_epoch_is_bit_exact():
+@pytest.mark.parametrize("fast", [True, False])
+def test_train_resume_mid_epoch_is_bit_exact(fast):
     x, y = fake_data()
-    full = TrainLoader(x, y, 64, aug="seed", seed=5)
+    full = TrainLoader(x, y, 64, aug="uci", seed=5, fast=fast)
     full.set_epoch(4)
     reference = collect(full)
-    resumed = TrainLoader(x, y, 64, aug="seed", seed=5)
+    resumed = TrainLoader(x, y, 64, aug="uci", seed=5, fast=fast)
     resumed.set_epoch(4)
     for k in (0, 7, len(reference) - 1, len(reference)):
         tail = collect(resumed, start_step=k)
         assert len(tail) == len(reference) - k
         for (xa, ya), (xb, yb) in zip(tail, reference[k:]):
             assert torch.equal(xa, xb) and torch.equal(ya, yb)
-    with pytest.raises(UserError, match="step"):
+    with pytest.raises(errors.RunError, match="step") as e:
         resumed.iterate(start_step=len(reference) + 1)
+    assert_plain(e)
 
 
 @pytest.mark.parametrize("n", [300, 333])
@@ -452,7 +580,7 @@ def test_train_ddp_shards_are_disjoint_and_cover_the_permutation(n):
     assert torch.equal(torch.stack(shards, 1).flatten(), single.indices()[:len(both)])
 
 
-@pytest.mark.parametrize("aug", ["seed", "standard"])
+@pytest.mark.parametrize("aug", ["uci", "standard"])
 def test_train_draws_belong_to_samples_not_batches(aug):
     # A sample's augmentation depends on (seed, epoch, rank, position in the epoch) only, so the
     # batch size changes how an epoch is cut, never what it holds.
@@ -469,12 +597,15 @@ def test_train_draws_belong_to_samples_not_batches(aug):
     loader = TrainLoader(x, y, 64, aug=aug, seed=6)
     loader.set_epoch(3)
     draws = loader.draws()
-    assert all(len(d) == loader.per_rank for d in draws)
-    part = slice(128, 192)
+    assert draws.shape == (loader.per_rank, sum(augment.OPS[o].columns for o in augment.ops(aug)))
     xb, yb = collect(loader)[2]
-    ref = augment.apply(aug, x[yb].float() / 255, tuple(d[part] for d in draws))
+    ref = augment.apply(aug, x[yb].float() / 255, draws[128:192])
+    torch.testing.assert_close(xb, normalised_float(ref), atol=1e-5, rtol=0)
+
+
+def normalised_float(x):
     mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(xb, (ref - mean) / std, atol=1e-4, rtol=0)
+    return (x - mean) / std
 
 
 def test_train_ranks_and_steps_draw_different_augmentation():
@@ -488,18 +619,37 @@ def test_train_ranks_and_steps_draw_different_augmentation():
     assert not torch.equal(r0[0][0], r0[1][0])
 
 
+def test_train_batches_are_independent_tensors():
+    x, y = fake_data()
+    loader = TrainLoader(x, y, 64, aug="uci", seed=2, memory_format=torch.channels_last)
+    batches = collect(loader)
+    kept = [b[0].clone() for b in batches]
+    again = collect(loader)
+    lo, hi = (0 - max(MEAN)) / min(STD) - 1e-5, (1 - min(MEAN)) / min(STD) + 1e-5
+    for (xb, _), k, (xa, _) in zip(batches, kept, again):
+        assert torch.equal(xb, k) and torch.equal(xa, k)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
+        assert xb.min() >= lo and xb.max() <= hi
+
+
 def test_train_loader_options_and_errors():
     x, y = fake_data(100)
     loader = TrainLoader(x, y, 16, aug="standard", memory_format=torch.channels_last)
     xb, _ = next(iter(loader))
     assert xb.is_contiguous(memory_format=torch.channels_last)
     for bad in (0, -4):
-        with pytest.raises(UserError, match="batch size"):
+        with pytest.raises(errors.ConfigError, match="batch size") as e:
             TrainLoader(x, y, bad)
-        with pytest.raises(UserError, match="batch size"):
+        assert e.value.setting == "batch_size" and assert_plain(e)
+        with pytest.raises(errors.ConfigError, match="batch size") as e:
             EvalLoader(x, y, bad)
-    with pytest.raises(UserError, match="seed, standard, none"):
+        assert e.value.setting == "eval_batch_size"
+    with pytest.raises(errors.ConfigError, match="uci, standard, none") as e:
         TrainLoader(x, y, 16, aug="cutmix")
+    assert e.value.setting == "aug"
+    with pytest.raises(errors.ConfigError, match="cannot be split over 4 ranks") as e:
+        TrainLoader(x[:1], y[:1], 16, aug="none", world_size=4)
+    assert e.value.setting == "train_limit" and assert_plain(e)
 
 
 @pytest.mark.parametrize("ws", [1, 2, 3])
@@ -523,101 +673,16 @@ def test_subset():
     assert torch.equal(xs, x[:10]) and torch.equal(ys, y[:10])
     assert len(subset(x, y, 50)[1]) == 50
     for bad in (0, -1, 51):
-        with pytest.raises(UserError, match="1..50"):
-            subset(x, y, bad)
+        with pytest.raises(errors.ConfigError, match="1..50") as e:
+            subset(x, y, bad, setting="test_limit")
+        assert e.value.setting == "test_limit" and assert_plain(e)
 
 
-# ---------------------------------------------------------------- fused seed pipeline
-
-
-def test_flip_folded_into_crop_matches_crop_then_flip():
-    from data.augment import _separable_resized_crop
-    x = images(48)
-    boxes = crop_boxes(48, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen(5))
-    flip = torch.rand(48, generator=gen(6)) < 0.5
-    plain = resized_crop(x, *boxes)
-    expected = torch.where(flip.view(-1, 1, 1, 1), plain.flip(-1), plain)
-    torch.testing.assert_close(resized_crop(x, *boxes, flip=flip), expected, atol=1e-5, rtol=0)
-    for chunk in (None, 7):
-        sep = _separable_resized_crop(x, *boxes, flip=flip, bufs={}, chunk=chunk)
-        assert sep.is_contiguous(memory_format=torch.channels_last)
-        torch.testing.assert_close(sep, expected, atol=1e-5, rtol=0)
-    # Identity boxes are exact.
-    full = [torch.zeros(48, dtype=torch.long)] * 2 + [torch.full((48,), 32)] * 2
-    assert torch.equal(_separable_resized_crop(x, *full), x)
-    mirrored = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
-    assert torch.equal(_separable_resized_crop(x, *full, flip=flip), mirrored)
-
-
-def test_interpolation_table_rows_are_the_built_matrices():
-    from data.augment import _interp_matrix, _interp_table, _table_rows
-    table = _interp_table(32, torch.float32, "cpu")
-    assert table.shape == (2 * 32 * 33, 32, 32)
-    top, left, h, w = crop_boxes(200, 32, 32, (0.08, 1.0), (3 / 4, 4 / 3), gen(8))
-    flip = torch.rand(200, generator=gen(9)) < 0.5
-    assert torch.equal(table[_table_rows(left, w, 32, flip)], _interp_matrix(left, w, 32, 32, torch.float32, flip))
-    assert torch.equal(table[_table_rows(top, h, 32)], _interp_matrix(top, h, 32, 32, torch.float32))
-    # Every row of a possible crop sums to 1; impossible crops (length 0, or past the edge) are zeros.
-    start, length = torch.tensor([0, 31, 5, 20]), torch.tensor([32, 1, 0, 13])
-    sums = table[_table_rows(start, length, 32)].sum(-1)
-    torch.testing.assert_close(sums[:2], torch.ones(2, 32))
-    assert not sums[2:].any()
-
-
-@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last])
-def test_seed_pipeline_equals_unit_augment_normalise(memory_format):
-    from data.augment import draw, make_seed_pipeline
-    u8 = torch.randint(0, 256, (300, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
-    copy_id = torch.arange(300) % 3
-    pipe = make_seed_pipeline("cpu", MEAN, STD, memory_format)
-    out = pipe(u8, draw("seed", copy_id, gen(4)))
-    ref = make_augment("seed")(u8.float() / 255, copy_id, gen(4))
-    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
-    torch.testing.assert_close(out, (ref - mean) / std, atol=1e-4, rtol=0)
-    assert out.is_contiguous(memory_format=memory_format)
-    # Reused work buffers never leak into results: a second call leaves the first result alone,
-    # and a different batch size works too.
-    kept = out.clone()
-    pipe(u8.flip(0), draw("seed", copy_id, gen(5)))
-    assert torch.equal(out, kept)
-    assert torch.equal(pipe(u8, draw("seed", copy_id, gen(4))), kept)
-    fresh = make_seed_pipeline("cpu", MEAN, STD, memory_format)
-    few = draw("seed", copy_id[:37], gen(4))
-    assert torch.equal(pipe(u8[:37], few), fresh(u8[:37], few))
-
-
-def test_seed_loader_batches_are_independent_tensors():
-    x, y = fake_data()
-    loader = TrainLoader(x, y, 64, aug="seed", seed=2, memory_format=torch.channels_last)
-    batches = collect(loader)
-    kept = [b[0].clone() for b in batches]
-    again = collect(loader)
-    for (xb, _), k, (xa, _) in zip(batches, kept, again):
-        assert torch.equal(xb, k) and torch.equal(xa, k)
-        assert xb.is_contiguous(memory_format=torch.channels_last)
-        assert xb.min() >= (0 - max(MEAN)) / min(STD) - 1e-5 and xb.max() <= (1 - min(MEAN)) / min(STD) + 1e-5
-
-
-@pytest.mark.parametrize("u8", [False, True])
-def test_seed_matmul_crop_matches_grid_sample_path(u8):
-    # The CPU's matmul crop and the grid_sample one used on CUDA give the same images.
-    from data.augment import _seed, draw
-    x = torch.randint(0, 256, (96, 3, 32, 32), dtype=torch.uint8, generator=gen(2))
-    x = x if u8 else x.float() / 255
-    scale = 1 / 255 if u8 else 1.0
-    copy_id = torch.arange(96) % 3
-    params = draw("seed", copy_id, gen(3))
-    grid = _seed(x, params, in_scale=scale, separable=False)
-    mat = _seed(x, params, in_scale=scale, bufs={"crop": {}}, chunk=40, separable=True)
-    torch.testing.assert_close(mat, grid, atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("separable", [True, False])
-def test_seed_pipeline_makes_no_host_round_trips(separable):
-    # No .item()/nonzero/host-made tensors per batch: on CUDA each would wait for the device.
+@pytest.mark.parametrize("aug, fast, kernel", [("uci", True, "bmm"), ("uci", False, "grid_sampler_2d"),
+                                               ("standard", True, "index")])
+def test_loader_makes_no_host_round_trips(aug, fast, kernel):
+    # No .item()/nonzero/host-made tensors per epoch or batch: on CUDA each would wait for the device.
     from torch.utils._python_dispatch import TorchDispatchMode
-
-    from data.augment import _seed, draw
 
     class Ops(TorchDispatchMode):
         seen = set()
@@ -626,12 +691,12 @@ def test_seed_pipeline_makes_no_host_round_trips(separable):
             self.seen.add(func.__name__.split(".")[0])
             return func(*args, **(kwargs or {}))
 
-    u8 = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=gen(1))
-    norm = (torch.tensor(MEAN), torch.tensor(STD), [0.0] * 3, [1.0] * 3)
-    params = draw("seed", torch.arange(64) % 3, gen())
-    _seed(u8, params, 1 / 255, norm, separable=separable)  # warm caches
+    x, y = fake_data(100)
+    loader = TrainLoader(x, y, 32, aug=aug, seed=1, fast=fast)
+    collect(loader)  # warm caches (constants made once)
+    loader.set_epoch(1)
     with Ops() as ops:
-        _seed(u8, params, 1 / 255, norm, {"crop": {}}, 16, separable)
-        draw("seed", torch.arange(64) % 3, gen())
-    assert "bmm" in ops.seen if separable else "grid_sampler_2d" in ops.seen
+        loader.draws()
+        collect(loader)
+    assert kernel in ops.seen  # the path expected ran
     assert not ops.seen & {"_local_scalar_dense", "nonzero", "masked_select", "lift_fresh", "item"}

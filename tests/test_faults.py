@@ -15,7 +15,7 @@ import torch
 import train
 from conftest import ROOT, TINY, assert_same_weights, load_weights_file
 from engine import checkpoint
-from engine.errors import UserError
+from errors import ToolkitError as UserError
 
 QUICK = [*TINY, "--train-limit", "480", "--test-limit", "200", "--batch-size", "32", "--aug", "standard",
          "--lr-regime", "1", "3", "0.05", "--bn-momentum", "0.1", "--no-progress"]

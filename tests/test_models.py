@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import models
-from models.efficientnet import make_divisible, resolve, same_padding
+from models.efficientnet import ConvUnit, MBConv, make_divisible, resolve, same_padding
 
 
 def n_params(m):
@@ -67,7 +67,7 @@ def test_same_padding_split():
 def test_pads_inside_conv_except_asymmetric():
     m = models.create("efficientnet_b0")
     for unit in m.modules():
-        if isinstance(unit, models.ConvUnit):
+        if isinstance(unit, ConvUnit):
             conv = unit[1]
             if conv.stride[0] == 2:
                 assert isinstance(unit[0], torch.nn.ZeroPad2d) and conv.padding == (0, 0)
@@ -93,7 +93,7 @@ def test_unknown_model_lists_known():
 @pytest.mark.parametrize("coslinear", [True, False])
 def test_output_shape_batch_1_and_n(name, coslinear):
     torch.manual_seed(0)
-    m = models.create(name, coslinear=coslinear, width_mult=0.25, depth_mult=0.34)
+    m = models.create(name, head=models.head_name(coslinear), width_mult=0.25, depth_mult=0.34)
     m.eval()
     with torch.no_grad():
         assert m(torch.randn(1, 3, 32, 32)).shape == (1, 100)
@@ -127,11 +127,11 @@ def test_train_and_eval_behaviour_differ_only_where_expected():
 def test_drop_connect_only_in_b0_b3_residual_blocks():
     b0 = models.create("efficientnet_b0")
     ex = models.create("efficientnet_ex")
-    rates = {blk.drop_connect_rate for blk in b0.modules() if isinstance(blk, models.MBConv) and blk.residual}
+    rates = {blk.drop_connect_rate for blk in b0.modules() if isinstance(blk, MBConv) and blk.residual}
     assert rates == {0.2}
     assert all(blk.drop_connect_rate == 0 for blk in b0.modules()
-               if isinstance(blk, models.MBConv) and not blk.residual)
-    assert {blk.drop_connect_rate for blk in ex.modules() if isinstance(blk, models.MBConv)} == {0.0}
+               if isinstance(blk, MBConv) and not blk.residual)
+    assert {blk.drop_connect_rate for blk in ex.modules() if isinstance(blk, MBConv)} == {0.0}
 
 
 def test_channels_last_input_gives_same_output():
@@ -148,7 +148,7 @@ def test_channels_last_input_gives_same_output():
 @pytest.mark.parametrize("coslinear", [True, False])
 def test_gradients_reach_every_parameter(coslinear):
     torch.manual_seed(0)
-    m = models.create("efficientnet_b0", coslinear=coslinear, width_mult=0.25, depth_mult=0.34,
+    m = models.create("efficientnet_b0", head=models.head_name(coslinear), width_mult=0.25, depth_mult=0.34,
                       drop_connect=0.0)
     out = m(torch.randn(4, 3, 32, 32))
     (out * torch.randn_like(out)).sum().backward()

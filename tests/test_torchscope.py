@@ -1,5 +1,6 @@
-"""torchscope: the seed's published counts, cross-checks against PyTorch's own counters, hand-counted
-tiny networks under both rule sets, and the count.py command line."""
+"""torchscope: the original entry's published counts (docs/counting.md), cross-checks against PyTorch's
+own counters, hand-counted tiny networks under both rule sets (one of them an architecture from outside
+models/, counted through the layer-kind protocol), the import boundaries, and the count.py command line."""
 import contextlib
 import io
 import json
@@ -15,13 +16,16 @@ import torchsummary
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+import errors
 import models
 import torchscope
 from models.efficientnet import BlockSpec, ConvUnit, MBConv
-from torchscope import cli
+from torchscope import command
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ALL = [(name, cos) for name in models.names() for cos in (True, False)]
+ALL = [(name, head) for name in models.names() for head in ("cosine", "linear")]
+# The project's top-level packages and modules (pyproject.toml).
+PROJECT = ("models", "loss", "data", "refinery", "engine", "cli", "bench", "errors", "torchscope")
 
 
 # Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.
@@ -35,14 +39,14 @@ def ex():
 
 
 @pytest.fixture(scope="module")
-def ex_seed(ex):
-    return torchscope.count(ex, input_size=(3, 32, 32), mul_factor=0.5, rules="seed")
+def ex_uci(ex):
+    return torchscope.count(ex, input_size=(3, 32, 32), mul_factor=0.5, rules="uci")
 
 
-# ------------------------------------------------------------------ the seed README's figures
+# ------------------------------------- the original entry's README (UCI/Qualcomm, 2019) figures
 
-def test_ex_matches_seed_readme(ex_seed):
-    r = ex_seed
+def test_ex_matches_original_readme(ex_uci):
+    r = ex_uci
     assert r.total_params == 2_793_064
     assert r.trainable_params == 2_793_064 and r.non_trainable_params == 0
     # What the original mislabelled as non-trainable: the 200x100 cosine matrix.
@@ -53,17 +57,17 @@ def test_ex_matches_seed_readme(ex_seed):
     assert r.uncounted == [] and r.notes == []
 
 
-def test_ex_memory_lines(ex_seed):
-    mem = ex_seed.memory()
+def test_ex_memory_lines(ex_uci):
+    mem = ex_uci.memory()
     shown = {k: f"{v:.2f}" for k, v in mem.items()}
     assert shown == {"input_mb": "0.01", "forward_backward_mb": "42.61", "params_mb": "2.66",
                      "total_mb": "45.28", "flops_gb": "0.25", "madds_gb": "0.38"}
     # The convention behind 42.61: every leaf output per sample (pads at their padded size).
-    assert ex_seed.activations == 11_170_808
+    assert ex_uci.activations == 11_170_808
 
 
-def test_ex_scores(ex_seed):
-    s = ex_seed.scores()
+def test_ex_scores(ex_uci):
+    s = ex_uci.scores()
     freebie = 0.5 * 2_793_064 / 36.5e6 + 382_885_052 / 10.49e9
     full = 2_793_064 / 36.5e6 + 512_835_116 / 10.49e9
     assert s["freebie"]["score"] == pytest.approx(freebie, abs=1e-15)
@@ -75,6 +79,28 @@ def test_ex_scores(ex_seed):
     assert round(s["freebie"]["score"], 6) == 0.074761
     # Both mul factors, whatever the report's own.
     assert torchscope.count(models.create("efficientnet_ex"), mul_factor=1.0).scores() == s
+
+
+def test_ex_micronet_reference(ex):
+    """README: 0.073980 with the fp16 freebie, 0.124149 without (docs/counting.md has the counts)."""
+    r = torchscope.count(ex, rules="micronet")
+    assert r.uncounted == [] and r.sparse == {}
+    assert r.total_params == 2_793_064
+    assert (r.params32, r.params16) == (2_774_792, 1_387_396)
+    assert (r.mults, r.adds) == (255_091_768, 249_765_524)
+    s = r.scores()
+    assert s["freebie"]["ops"] == 377_311_408 and s["full"]["ops"] == 504_857_292
+    assert round(s["freebie"]["score"], 6) == 0.073980
+    assert round(s["full"]["score"], 6) == 0.124149
+    # One row per residual add (9 in ex) and per SE multiply (16 blocks), which the uci rules skip.
+    kinds = [row.type for row in r.rows]
+    assert kinds.count("Add") == 9 and kinds.count("Mul") == 16
+
+
+def test_rules_seed_is_an_alias_of_uci(ex, ex_uci):
+    r = torchscope.count(ex, rules="seed")
+    assert r.rules == "uci"
+    assert r.to_dict() == ex_uci.to_dict()
 
 
 # --------------------------------------------------------------- cross-checks, every model
@@ -94,9 +120,10 @@ def _torchsummary_total(model):
     return int(re.search(r"Total params: ([\d,]+)", out.getvalue()).group(1).replace(",", ""))
 
 
-@pytest.mark.parametrize("name,cos", ALL)
-def test_every_model_against_torch_counters(name, cos):
-    model = models.create(name, coslinear=cos).eval()
+@pytest.mark.parametrize("name,head", ALL)
+def test_every_model_against_torch_counters(name, head):
+    cos = head == "cosine"
+    model = models.create(name, head=head).eval()
     r = torchscope.count(model)
     assert r.uncounted == []
 
@@ -113,7 +140,7 @@ def test_every_model_against_torch_counters(name, cos):
     assert per_type["Linear"] == by_op["aten.addmm"] // (2 * torchscope.BATCH)
     assert per_type.get("CosineLinear", 0) == by_op.get("aten.mm", 0) // (2 * torchscope.BATCH)
     assert sum(per_type.values()) == r.macs  # no other row carries MACs
-    # The seed's mults for conv/linear/cosine rows are exactly those MACs.
+    # The uci rules' mults for conv/linear/cosine rows are exactly those MACs.
     assert sum(row.mults for row in r.rows if row.macs) == r.macs
 
     # Parameters: PyTorch's own sum, and torchsummary, which only sees `.weight`/`.bias`
@@ -148,9 +175,11 @@ class Tiny(nn.Module):
 TINY_INPUT = (3, 4, 4)  # 16 output positions everywhere before the pool
 
 
-def test_tiny_seed_by_hand():
-    r = torchscope.count(Tiny(), input_size=TINY_INPUT, rules="seed")
+def test_tiny_uci_by_hand():
+    r = torchscope.count(Tiny(), input_size=TINY_INPUT, rules="uci")
     assert r.uncounted == []
+    # The residual add and the SE multiply are not counted, nor given a row.
+    assert [row.type for row in r.rows if row.type in ("Add", "Mul")] == []
     HW = 16
     # FLOPs: conv K*C_out*HW (+ C_out*HW bias), BN 2*C*HW, pool = input numel, linear in*out.
     flops = (27 * 8 * HW            # stem conv, K = 3*3*3
@@ -219,8 +248,8 @@ def test_tiny_micronet_by_hand():
     assert s["full"]["score"] == pytest.approx(params / 36.5e6 + (mults + adds) / 10.49e9, abs=1e-15)
     assert s["freebie"]["score"] == pytest.approx(params / 2 / 36.5e6 + (mults / 2 + adds) / 10.49e9,
                                                   abs=1e-15)
-    names = [row.name for row in r.rows if not row.leaf]
-    assert names == ["block.conv.1 (SE multiply)", "block (residual add)"]
+    extra = [(row.name, row.type, row.mults, row.adds) for row in r.rows if row.type in ("Add", "Mul")]
+    assert extra == [("block.conv.1.mul", "Mul", 8 * HW, 0), ("block.add", "Add", 0, 8 * HW)]
 
 
 def test_tiny_micronet_sparse_by_hand():
@@ -266,6 +295,147 @@ def test_unknown_leaf_is_reported_not_silently_skipped():
     assert any("ReLU" in n and "NOT counted" in n for n in r.notes)
 
 
+# --------------------------------------- a new architecture, from outside models/, by layer kind
+
+class Residual(nn.Module):
+    """The protocol: an elementwise add declared as such."""
+    layer_kind = "add"
+
+    def forward(self, a, b):
+        return a + b
+
+
+class Gate(nn.Module):
+    layer_kind = "mul"
+
+    def forward(self, a, b):
+        return a * b
+
+
+class UnitNorm(nn.Module):
+    layer_kind = "l2norm"
+
+    def __init__(self):
+        super().__init__()
+        self.dim = 1
+
+    def forward(self, x):
+        return x / x.norm(dim=self.dim, keepdim=True)
+
+
+class Cosine(nn.Module):
+    layer_kind = "cosine"
+
+    def __init__(self, n_in, n_out):
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(n_in, n_out))
+
+    def forward(self, x):
+        return x @ (self.kernel / self.kernel.norm(dim=0, keepdim=True))
+
+
+class NewNet(nn.Module):
+    """conv 3->4 (3x3, pad 1, no bias) -> BN -> SiLU = h; 1x1 conv 4->4 (bias) = z; gate
+    z * sigmoid(pool(z)); h + z; 4x4 avg pool; flatten; Linear 4->6; unit norm; cosine 6->3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(4)
+        self.act = nn.SiLU()
+        self.conv2 = nn.Conv2d(4, 4, 1)
+        self.squeeze = nn.AdaptiveAvgPool2d(1)
+        self.sigmoid = nn.Sigmoid()
+        self.gate = Gate()
+        self.residual = Residual()
+        self.pool = nn.AvgPool2d(4)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(4, 6)
+        self.norm = UnitNorm()
+        self.cos = Cosine(6, 3)
+
+    def forward(self, x):
+        h = self.act(self.bn(self.conv1(x)))
+        z = self.conv2(h)
+        z = self.gate(z, self.sigmoid(self.squeeze(z)))
+        y = self.residual(h, z)
+        return self.cos(self.norm(self.fc(self.flatten(self.pool(y)))))
+
+
+def test_new_architecture_uci_by_hand():
+    torch.manual_seed(0)
+    r = torchscope.count(NewNet(), input_size=(3, 4, 4), rules="uci")
+    assert r.uncounted == [] and r.notes == []
+    # Per sample, 4x4 maps of 4 channels: 64 elements. conv1 K = 27 -> 1,728 MACs.
+    assert r.flops == 1728 + 128 + 320 + 64 + 24 == 2264  # conv1, BN, conv2 + bias, avg pool, fc
+    # conv1 1728, BN 128, SiLU 192, conv2 256, sigmoid 8, fc 24, norm 6*6, cosine 18
+    assert r.mults == 2390
+    # conv1 26*64, BN 128, SiLU 64, conv2 (3+1)*64, squeeze 64, sigmoid 4, pool 16*4, fc 3*6, norm 36,
+    # cosine 5*3; the gate multiply and the residual add are not counted
+    assert r.adds == 2313
+    assert r.madds(0.5) == 3508
+    assert r.total_params == 108 + 8 + 20 + 30 + 18 == 184
+    assert r.legacy_nontrainable == 18  # the cosine kernel
+    # conv1, bn, act, conv2 outputs (64 each), squeeze, sigmoid, pool, flatten (4 each), fc, norm, cos
+    assert r.activations == 287
+    assert [row.name for row in r.rows] == ["conv1", "bn", "act", "conv2", "squeeze", "sigmoid", "pool",
+                                            "flatten", "fc", "norm", "cos"]
+
+
+def test_new_architecture_micronet_by_hand():
+    torch.manual_seed(0)
+    r = torchscope.count(NewNet(), input_size=(3, 4, 4), rules="micronet")
+    assert r.uncounted == [] and r.sparse == {}
+    by_name = {row.name: (row.mults, row.adds) for row in r.rows}
+    assert by_name == {
+        "conv1": (1728, 1664 + 64),   # + the bias add BN folds into it
+        "bn": (0, 0),                 # folded
+        "act": (192, 64),
+        "conv2": (256, 192 + 64),
+        "squeeze": (4, 60),           # C mults, (HW - 1) * C adds
+        "sigmoid": (8, 4),
+        "gate": (64, 0),
+        "residual": (0, 64),
+        "pool": (4, 60),
+        "flatten": (0, 0),
+        "fc": (24, 18 + 6),
+        "norm": (12, 6),              # 2D mults, D adds
+        "cos": (18, 15),
+    }
+    assert (r.mults, r.adds) == (2310, 2281)
+    # BN's 8 parameters become a 4-vector bias on conv1.
+    assert r.params32 == 108 + 4 + 20 + 30 + 18 == 180
+
+
+def test_layer_kinds():
+    assert torchscope.layer_kind(nn.Conv2d(1, 1, 1)) == "conv"
+    assert torchscope.layer_kind(models.efficientnet.Swish()) == "silu"   # a subclass of nn.SiLU
+    assert torchscope.layer_kind(Gate()) == "mul"
+    assert torchscope.layer_kind(nn.ReLU()) is None
+
+
+# ------------------------------------------------------------------------ import boundaries
+
+def _imported_after(statement):
+    code = (f"import sys; {statement}; "
+            f"print(sorted(m for m in sys.modules if m.split('.')[0] in {PROJECT!r}))")
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return eval(p.stdout)
+
+
+def test_counting_core_imports_nothing_from_the_project():
+    loaded = _imported_after("import torchscope, torchscope.counter, torchscope.rules, torchscope.score, "
+                             "torchscope.text")
+    assert loaded and all(m.split(".")[0] == "torchscope" for m in loaded), loaded
+    assert "torchscope.command" not in loaded
+
+
+def test_models_import_nothing_from_torchscope():
+    loaded = _imported_after("import models")
+    assert "models" in loaded and not [m for m in loaded if m.startswith("torchscope")]
+
+
 # ------------------------------------------------------------------------------ the CLI
 
 def _run(*args):
@@ -274,7 +444,7 @@ def _run(*args):
                           capture_output=True, text=True, timeout=120, env=env)
 
 
-def test_cli_seed_mf_half_with_json(tmp_path):
+def test_cli_uci_mf_half_with_json(tmp_path):
     out = tmp_path / "sub" / "ex.json"
     p = _run("--model", "efficientnet_ex", "--mul-factor", "0.5", "--per-layer", "--json", str(out))
     assert p.returncode == 0, p.stderr
@@ -285,7 +455,9 @@ def test_cli_seed_mf_half_with_json(tmp_path):
                  "Forward/backward pass size (MB): 42.61", "Params size (MB): 2.66",
                  "Estimated Total Size (MB): 45.28", "FLOPs size (GB): 0.25", "Madds size (GB): 0.38",
                  "(0.5 x 2,793,064)/36.5M + 382,885,052/10.49B = 0.074761",
-                 "2,793,064/36.5M + 512,835,116/10.49B = 0.125410"]:
+                 "2,793,064/36.5M + 512,835,116/10.49B = 0.125410",
+                 "(the original entry's README (UCI/Qualcomm, 2019): 0.074762 and 0.12541; the exact first "
+                 "is 0.07476116, which the README rounded up)"]:
         assert line in text.splitlines(), line
     assert re.search(r"^classifier\.2\s+CosineLinear\s+100\s+20,000\s+0\s+29,900$", text, re.M)
     data = json.loads(out.read_text())
@@ -294,11 +466,12 @@ def test_cli_seed_mf_half_with_json(tmp_path):
     assert round(data["scores"]["full"]["score"], 5) == 0.12541
     assert f"{data['memory']['forward_backward_mb']:.2f}" == "42.61"
     assert data["model"]["model"] == "efficientnet_ex"
-    assert len(data["layers"]) == len([m for m in models.create("efficientnet_ex").modules()
-                                       if not list(m.children())])
+    assert data["rules"] == "uci"
+    # One row per leaf call the original counted: no residual add or SE multiply rows.
+    assert len(data["layers"]) == 248
 
 
-def test_cli_seed_mf_one():
+def test_cli_uci_mf_one():
     p = _run("--model", "efficientnet_ex", "--mul-factor", "1")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
@@ -329,8 +502,22 @@ def test_cli_micronet_dense_and_sparse(tmp_path):
     params = float(re.search(r"^Parameters \(32-bit\): ([\d,.]+)", p.stdout, re.M).group(1).replace(",", ""))
     assert ops < dense.mults + dense.adds and params < dense.params32
     assert "Sparse weight tensors:" in p.stdout
-    # Dense micronet figures are in the plausible band around the seed's own (SPEC §5).
-    assert 0.10 < dense_scores["full"]["score"] < 0.13 and 0.06 < dense_scores["freebie"]["score"] < 0.08
+
+
+def test_cli_micronet_prints_readme_scores():
+    p = _run("--rules", "micronet")
+    assert p.returncode == 0, p.stderr
+    lines = p.stdout.splitlines()
+    assert "MicroNet score, fp16 freebie: 1,387,396/36.5M + 377,311,408/10.49B = 0.073980" in lines
+    assert "MicroNet score, no freebie:   2,774,792/36.5M + 504,857,292/10.49B = 0.124149" in lines
+
+
+def test_cli_rules_seed_equals_uci(capsys):
+    assert command.main(["--rules", "seed", "--per-layer", "--model", "efficientnet_exx"]) == 0
+    seed = capsys.readouterr().out
+    assert command.main(["--rules", "uci", "--per-layer", "--model", "efficientnet_exx"]) == 0
+    assert capsys.readouterr().out == seed
+    assert "rules: uci;" in seed
 
 
 def test_cli_bad_flag_subprocess_one_line():
@@ -353,7 +540,7 @@ def test_cli_bad_flag_subprocess_one_line():
 ])
 def test_cli_bad_flags_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.main(argv)
+        command.main(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err
     errors = [l for l in err.splitlines() if "error:" in l]
@@ -366,22 +553,41 @@ def test_cli_bad_flags_exit_2(argv, needle, capsys):
 ])
 def test_cli_user_errors_exit_2(argv, needle, capsys):
     with pytest.raises(SystemExit) as e:
-        cli.run_main(cli.main, argv)
+        command.script(argv)
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
 
 
 def test_cli_unknown_model_from_create_is_a_user_error():
-    args = cli.parse_args([])
-    args.model = "efficientnet_zz"   # past argparse, models.create's ValueError must not escape
-    with pytest.raises(cli.UserError, match="known models"):
-        cli.build_model(args)
+    args = command.parse_args([])
+    args.model = "efficientnet_zz"   # past argparse, models.create's error must be a typed one
+    with pytest.raises(errors.ConfigError, match="known models"):
+        command.build_model(args)
 
 
 def test_cli_coslinear_parses_real_booleans(capsys):
     for value, expected in [("false", False), ("no", False), ("0", False), ("true", True), ("yes", True),
                             ("1", True)]:
-        assert cli.parse_args(["--coslinear", value]).coslinear is expected
-    assert cli.main(["--coslinear", "false", "--model", "efficientnet_exx"]) == 0
+        assert command.parse_args(["--coslinear", value]).coslinear is expected
+    assert command.main(["--coslinear", "false", "--model", "efficientnet_exx"]) == 0
     assert "plain head" in capsys.readouterr().out
+
+
+def test_count_runs_as_a_module():
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, "-m", "torchscope.count", "--mul-factor", "1"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 0, p.stderr
+    assert "Total Madds: 512,835,116" in p.stdout.splitlines()
+    assert callable(torchscope.count)
+
+
+def test_count_without_the_project_installed_says_how_to_fix_it():
+    # -S: no site-packages, so no editable install; the script's folder heads sys.path.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    p = subprocess.run([sys.executable, "-S", os.path.join("torchscope", "count.py")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2 and p.stdout == ""
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and "pip install -e ." in lines[0] and "repository root" in lines[0], p.stderr

@@ -1,8 +1,9 @@
 """Count parameters, operations and memory of a model with forward hooks on its modules.
 
 One random batch of BATCH samples runs through the model in eval mode; every figure is per
-sample. Leaf modules are costed by the chosen rule set (rules.py); a few containers add the ops
-that live in their own forward (micronet rules only: residual add, SE multiply).
+sample. Every leaf module is costed by its layer kind (rules.layer_kind: its torch type, or the
+`layer_kind` it declares) under the chosen rule set (rules.py); docs/counting.md gives the
+conventions and the reference figures. Imports nothing but torch and the standard library.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -34,6 +35,8 @@ class Row:
     # Parameters as the score counts them, at 32 and at 16 bits (sparse-aware under micronet).
     params32: float = 0.0
     params16: float = 0.0
+    # Every row is a leaf module's call (ops inline in a container's forward are leaf modules of
+    # kind "add"/"mul"); kept for readers of the JSON's layer rows.
     leaf: bool = True
 
     def madds(self, mul_factor):
@@ -94,20 +97,23 @@ class Report:
         return self._sum("params16") + 0.5 * self.idle_params
 
     def madds(self, mul_factor=None):
-        """mf * multiplies + adds; the seed's "Total Madds" at its mul_factor."""
+        """mf * multiplies + adds; the original entry's "Total Madds" at its mul_factor."""
         mf = self.mul_factor if mul_factor is None else mul_factor
         return mf * self.mults + self.adds
 
     def memory(self):
-        """The seed's memory lines, in its own conventions (sizes in MB = 2**20, GB = 1e9).
+        """The original entry's memory lines, in its own conventions (sizes in MB = 2**20, GB = 1e9).
 
-        Derived by matching the seed README for efficientnet_ex (0.01 / 42.61 / 2.66 / 45.28):
+        Derived by matching the original entry's README (UCI/Qualcomm, 2019) for efficientnet_ex
+        (0.01 / 42.61 / 2.66 / 45.28; docs/counting.md):
         the original counted *elements*, not bytes (no x4 for float32), over its batch of 2:
         - input      = BATCH * C*H*W / 2**20                  (0.00586 -> "0.01")
         - fwd/bwd    = 2 ("for gradients") * BATCH * sum over every leaf module of its output
                        numel per sample / 2**20. Each conv unit of the original began with a
                        ZeroPad2d whose padded output counted; ours folds symmetric padding into
-                       the conv, so the Identity in that slot counts the padded size.
+                       the conv, so the Identity in that slot counts the padded size. The
+                       original's leaves did not include the residual add or the SE multiply
+                       (kinds "add"/"mul"), so those outputs are not counted here.
                        ex: 11,170,808 elements per sample -> 42.61
         - params     = parameter count / 2**20                 (no x4 either: 2.66)
         - total      = input + fwd/bwd + params                (45.2827 -> "45.28"; with an input
@@ -189,11 +195,9 @@ def _param_cost(p, sparse_aware):
 
 class _Counter:
     def __init__(self, model, rules):
-        if rules not in R.RULESETS:
-            raise ValueError(f"unknown rules {rules!r}; choose one of {', '.join(R.RULESETS)}")
         self.model = model
         self.rules = rules
-        self.leaf_rules, self.composite_rules = R.RULESETS[rules]
+        self.table = R.RULESETS[rules]
         self.names = {m: n for n, m in model.named_modules()}
         self.calls = {}
         self.rows = []
@@ -202,16 +206,16 @@ class _Counter:
         self.sparse = {}
         # Rows (by id) of BatchNorms folded into a conv, and of convs given a bias by a fold.
         self.folded, self.gained_bias = set(), set()
-        # Output tensor id -> (row, module, tensor) for conv/linear/identity outputs. Holding
-        # the tensor keeps its id from being reused during the pass.
+        # Output tensor id -> (row, module, kind, tensor) for conv/linear/identity outputs.
+        # Holding the tensor keeps its id from being reused during the pass.
         self.producers = {}
 
-    def _new_row(self, module, out, suffix=""):
+    def _new_row(self, module, out):
         name = self.names.get(module, type(module).__name__) or "(model)"
         k = self.calls[module] = self.calls.get(module, 0) + 1
         if k > 1:
             name = f"{name}#{k}"
-        return Row(name=name + suffix, type=type(module).__name__, output_shape=tuple(out.shape[1:]))
+        return Row(name=name, type=type(module).__name__, output_shape=tuple(out.shape[1:]))
 
     def _own_params(self, module, row):
         sparse_aware = self.rules == "micronet"
@@ -230,35 +234,37 @@ class _Counter:
                 self.sparse[f"{self.names.get(module, '')}.{pname}".lstrip(".")] = (nz, p.numel())
 
     def leaf_hook(self, module, inputs, output):
+        kind, rule = R.find_rule(self.table, module)
+        if rule is R.UNSEEN:
+            return
         x, out = _first_tensor(inputs), _first_tensor(output)
         if out is None:
             return
         self._check_batch(module, out)
         row = self._new_row(module, out)
         in_shape = tuple(x.shape[1:]) if x is not None else ()
-        row.activations = out[0].numel()
+        row.activations = 0 if kind in R.INLINE_KINDS else out[0].numel()
 
-        if isinstance(module, torch.nn.BatchNorm2d) and self.rules == "micronet":
+        if kind == "batchnorm" and self.rules == "micronet":
             prod = self.producers.get(id(x)) if x is not None else None
-            if prod is not None and prod[2] is x and isinstance(prod[1], (torch.nn.Conv2d, torch.nn.Linear)):
+            if prod is not None and prod[3] is x and prod[2] in ("conv", "linear"):
                 self._fold_bn(prod, row, out)
 
         if id(row) not in self.folded:
-            rule = R.find_rule(self.leaf_rules, module)
             if rule is None:
                 self.uncounted.append((row.name, row.type))
             else:
                 self._apply(row, rule(module, in_shape, tuple(out.shape[1:])))
 
-        if isinstance(module, torch.nn.Conv2d):
+        if kind == "conv":
             self._materialised_padding(module, x)
-        if isinstance(module, (torch.nn.Conv2d, torch.nn.Linear, torch.nn.Identity)):
-            self.producers[id(out)] = (row, module, out)
+        if kind in ("conv", "linear") or isinstance(module, torch.nn.Identity):
+            self.producers[id(out)] = (row, module, kind, out)
         self._own_params(module, row)
         self.rows.append(row)
 
     def _fold_bn(self, prod, bn_row, out):
-        conv_row, conv, _ = prod
+        conv_row, conv, _, _ = prod
         self.folded.add(id(bn_row))
         if conv.bias is None and id(conv_row) not in self.gained_bias:
             # The fold leaves the conv a bias: one add per output and C_out parameters.
@@ -275,23 +281,9 @@ class _Counter:
         if not (ph or pw) or x is None:
             return
         prod = self.producers.get(id(x))
-        if prod is not None and prod[2] is x and isinstance(prod[1], torch.nn.Identity):
+        if prod is not None and prod[3] is x and isinstance(prod[1], torch.nn.Identity):
             c, h, w = x.shape[1:]
             prod[0].activations = c * (h + 2 * ph) * (w + 2 * pw)
-
-    def composite_hook(self, module, inputs, output):
-        label, rule = R.find_rule(self.composite_rules, module)
-        x, out = _first_tensor(inputs), _first_tensor(output)
-        if out is None:
-            return
-        self._check_batch(module, out)
-        cost = rule(module, tuple(x.shape[1:]) if x is not None else (), tuple(out.shape[1:]))
-        if cost is None:
-            return
-        row = self._new_row(module, out, suffix=f" ({label})")
-        row.leaf = False
-        self._apply(row, cost)
-        self.rows.append(row)
 
     @staticmethod
     def _apply(row, cost):
@@ -307,23 +299,21 @@ class _Counter:
                              f"needs the batch dimension ({BATCH}) first to give per-sample figures")
 
 
-def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="seed"):
+def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci"):
     """Count `model` on one random batch of shape (BATCH, *input_size); figures per sample.
 
-    rules: "seed" (the original count.py, SPEC §4) or "micronet" (the challenge's counting,
-    SPEC §5); see torchscope.rules for every formula. mul_factor weights multiplies in the
-    seed's Madds (0.5: the fp16 freebie, 1: full); the report gives Madds at any factor.
+    rules: "uci" (the original entry's count.py; "seed" is an alias) or "micronet" (the
+    challenge organisers' counting); docs/counting.md gives both, torchscope.rules every formula.
+    mul_factor weights multiplies in the original's Madds (0.5: the fp16 freebie, 1: full); the
+    report gives Madds at any factor. ValueError for a mul_factor outside (0, 1] or unknown rules.
     """
     if not 0 < mul_factor <= 1:
         raise ValueError(f"mul_factor must be in (0, 1], got {mul_factor}")
+    rules = R.ruleset_name(rules)
     input_size = tuple(int(s) for s in input_size)
     c = _Counter(model, rules)
-    handles = []
-    for m in model.modules():
-        if not any(True for _ in m.children()):
-            handles.append(m.register_forward_hook(c.leaf_hook))
-        elif R.find_rule(c.composite_rules, m) is not None:
-            handles.append(m.register_forward_hook(c.composite_hook))
+    handles = [m.register_forward_hook(c.leaf_hook) for m in model.modules()
+               if not any(True for _ in m.children())]
 
     try:
         first = next(model.parameters(), None)

@@ -1,4 +1,5 @@
-"""Text output of a Report: the seed README's block, the micronet figures, the per-layer table."""
+"""Text output of a Report: the block the original entry's count.py printed, the micronet figures,
+the per-layer table."""
 from .score import OPS_BASELINE, PARAMS_BASELINE
 
 
@@ -21,7 +22,7 @@ def _baselines():
     return f"{PARAMS_BASELINE / 1e6:g}M", f"{OPS_BASELINE / 1e9:g}B"
 
 
-def seed_block(report):
+def uci_block(report):
     """The lines the original count.py printed, with the true trainable count."""
     mem = report.memory()
     lines = [
@@ -48,13 +49,15 @@ def seed_block(report):
     return lines
 
 
-def seed_scores(report):
+def uci_scores(report, mul_factor_name="mul_factor"):
+    """The score lines under the original's conventions; `mul_factor_name` is what the caller
+    calls the report's mul_factor (the score uses 0.5 and 1 whatever it is)."""
     s = report.scores()
     p, o = _baselines()
     fb, full = s["freebie"], s["full"]
     return [
         f"MicroNet score (baselines {p} params, {o} ops; Madds at mul_factor 0.5 and 1, "
-        "whatever --mul-factor is):",
+        f"whatever {mul_factor_name} is):",
         "Count all parameters as 16-bit and 1 multiplication operation as 1/2 operation:",
         f"(0.5 x {num(report.total_params)})/{p} + {num(fb['ops'])}/{o} = {fb['score']:.6f}",
         "Count all parameters as 32-bit and 1 multiplication operation as 1 operation:",

@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Images/s of our batched augmentation against torchvision's transforms of the same recipe.
 
-    python bench/data.py --device cuda --data_dir D --json OUT.json
-    python bench/data.py --device cpu --data_dir D --seconds 60 --json OUT.json
+    python bench/augmentation.py --device cuda --data_dir D --json OUT.json
+    python bench/augmentation.py --device cpu --data_dir D --seconds 60 --json OUT.json
 
-ours:        data.TrainLoader with the `seed` recipe, iterated as train.py does: uint8 images on the
+ours:        data.TrainLoader with the `uci` recipe, iterated as train.py does: uint8 images on the
              device, each batch gathered, jittered, crop-resized, flipped and normalised there, in
-             train.py's default channels_last layout, ready for the model.
+             train.py's default channels_last layout, ready for the model. Where the device has a
+             fast path (the CPU: data/augment_cpu.py), the same loader with fast=False, the
+             reference definition of data/augment.py, is timed too, at each --threads count, and
+             the fast path's gain reported.
 torchvision: what the original did: a DataLoader (shuffle, --workers worker processes) over a
              ConcatDataset of three CIFAR-style datasets of PIL images, one per recipe copy:
                1. ColorJitter(0.2, 0.2) + RandomHorizontalFlip
@@ -24,25 +27,21 @@ time is mostly the host waiting in synchronize, so there the wall-time figure is
 phase of ours and that queue is drained before each timed phase of theirs, so neither side is timed
 on work done during the other's phase. On the CPU, ours is timed at each --threads count.
 """
+import argparse
 import os
 import sys
+import time
 
-_HERE = os.path.dirname(os.path.abspath(__file__))
-# `python bench/data.py` puts bench/ first on sys.path, where this file would shadow the project's
-# `data` package; the repository root goes first instead.
-sys.path[:] = [os.path.dirname(_HERE)] + [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
+import numpy as np
+import torch
+from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
-import argparse  # noqa: E402
-import time  # noqa: E402
+import data as D
+from bench import common
+from cli.args import default_data_dir
+from data import augment_cpu
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from torch.utils.data import ConcatDataset, DataLoader, Dataset  # noqa: E402
-
-import data as D  # noqa: E402
-from bench import common  # noqa: E402
-from engine.cli import default_data_dir  # noqa: E402
-
+RECIPE = "uci"
 PREFETCH = 2  # DataLoader's default prefetch_factor, named so the drain below can count on it
 
 
@@ -177,19 +176,25 @@ def main(argv=None):
     if a.batch_size < 1 or a.rounds < 1 or a.seconds <= 0 or any(t < 1 for t in threads):
         raise SystemExit("error: --batch-size, --rounds, --threads must be >= 1 and --seconds > 0")
     images, labels, source = load_images(a)
-    phase_s = a.seconds / (a.rounds * (len(threads) + 1))
+    has_fast = augment_cpu.supports(RECIPE, device)
+    phases = len(threads) * (1 + has_fast) + 1
+    phase_s = a.seconds / (a.rounds * phases)
     say = lambda *m: print("[data]", *m, file=sys.stderr, flush=True)
     say(f"{source}; batch {a.batch_size}; {a.rounds} rounds of {phase_s:.1f} s phases; "
-        f"ours at threads {threads}")
+        f"ours at threads {threads}" + (", and the reference definition" if has_fast else ""))
 
-    ours_loader = D.TrainLoader(images, labels, a.batch_size, aug="seed", seed=0, device=device,
-                                memory_format=torch.channels_last)
+    def endless_loader(fast):
+        loader = D.TrainLoader(images, labels, a.batch_size, aug=RECIPE, seed=0, device=device,
+                               memory_format=torch.channels_last, fast=fast)
 
-    def ours_epoch(epoch):
-        ours_loader.set_epoch(epoch)
-        return iter(ours_loader)
+        def epoch_iter(epoch):
+            loader.set_epoch(epoch)
+            return iter(loader)
 
-    ours = endless(ours_epoch)
+        return endless(epoch_iter)
+
+    ours = endless_loader(fast=True)
+    reference = endless_loader(fast=False) if has_fast else None
     tv_loader = torchvision_loader(images, labels, a.batch_size, a.workers, device)
     tv = endless(lambda epoch: iter(tv_loader))
 
@@ -198,6 +203,10 @@ def main(argv=None):
         torch.set_num_threads(t)
         for _ in range(2):
             next(ours)
+    for t in threads if has_fast else ():
+        torch.set_num_threads(t)
+        next(reference)
+    torch.set_num_threads(default_threads)
     common.sync(device)
     drain = max(a.workers, 1) * PREFETCH
     for _ in range(drain + 2):
@@ -206,6 +215,7 @@ def main(argv=None):
     pids = worker_pids(tv_loader)
     ours_sum = {t: [0, 0.0, 0.0] for t in threads}
     tv_sum = [0, 0.0, 0.0]
+    ref_sum = {t: [0, 0.0, 0.0] for t in threads}
     rounds = []
     tv_rate = None
     for r in range(a.rounds):
@@ -221,6 +231,12 @@ def main(argv=None):
             row[f"ours_{t}t_per_cpu_s"] = n / c if c else None
             say(f"round {r + 1}: ours ({t} thread{'s' if t > 1 else ''}) {n / s:,.0f} img/s"
                 + (f", {n / c:,.0f} per CPU-s" if c else ""))
+        for t in threads if has_fast else ():
+            torch.set_num_threads(t)
+            n, s, c = timed(reference, phase_s, device)
+            _add(ref_sum[t], n, s, c)
+            row[f"reference_{t}t"] = n / s
+            say(f"round {r + 1}: reference definition ({t} thread{'s' if t > 1 else ''}) {n / s:,.0f} img/s")
         torch.set_num_threads(default_threads)
         for _ in range(drain if a.workers else 0):
             next(tv)  # made while ours ran: not theirs to count
@@ -240,9 +256,10 @@ def main(argv=None):
     tv_cpu = _per_cpu(tv_sum)
     env = common.environment(device)
     env["torch_threads"] = default_threads
+    ref_by = {str(t): ref_sum[t][0] / ref_sum[t][1] for t in threads} if has_fast else {}
     doc = {
         "bench": "data",
-        "recipe": "seed",
+        "recipe": RECIPE,
         "data": source,
         "images": len(labels),
         "batch_size": a.batch_size,
@@ -257,6 +274,11 @@ def main(argv=None):
         "ours_images_per_cpu_s_by_threads": ours_cpu,
         "torchvision_images_per_cpu_s": tv_cpu,
         "ratio_per_cpu_s_by_threads": {k: (v / tv_cpu if v and tv_cpu else None) for k, v in ours_cpu.items()},
+        # The device's fast path against the reference definition it equals, thread for thread.
+        "fast_path": "data/augment_cpu.py" if has_fast else None,
+        "reference_images_per_s_by_threads": ref_by,
+        "fast_path_gain_by_threads": {k: ours_by[k] / v for k, v in ref_by.items()},
+        "fast_path_gain": ours_by[str(best_t)] / ref_by[str(best_t)] if has_fast else None,
         "seconds_per_phase": phase_s,
         "rounds": rounds,
         "ours_layout": "channels_last (train.py's default)",
@@ -268,9 +290,11 @@ def main(argv=None):
     rows = [[f"ours, {t} thread{'s' if t > 1 else ''}", common.fmt(ours_by[str(t)]),
              common.fmt(ours_by[str(t)] / tv_ips, 1), common.fmt(ours_cpu[str(t)]),
              common.fmt(cpu_ratio[str(t)], 1)] for t in threads]
+    rows += [[f"reference definition, {t} thread{'s' if t > 1 else ''}", common.fmt(ref_by[str(t)]),
+              common.fmt(ref_by[str(t)] / tv_ips, 1), "-", "-"] for t in threads if has_fast]
     rows.append([f"torchvision, {a.workers} workers", common.fmt(tv_ips), "1.0", common.fmt(tv_cpu),
                  "1.0" if tv_cpu else "-"])
-    print(f"seed augmentation, batch {a.batch_size}, {env['device_name']}, {env['cpu_count']} CPUs, "
+    print(f"{RECIPE} augmentation, batch {a.batch_size}, {env['device_name']}, {env['cpu_count']} CPUs, "
           f"torch {env['torch']}; {source}")
     print(common.markdown_table(["pipeline", "images/s", "x torchvision", "images/CPU-s", "x torchvision"],
                                 rows))

@@ -1,10 +1,13 @@
-"""The command line behind `python torchscope/count.py`: parameters, FLOPs, Madds, memory and the
-MicroNet score of a model.
+"""The command line behind `python torchscope/count.py` (or `python -m torchscope.count`):
+parameters, FLOPs, Madds, memory and the MicroNet score of a model.
 
-    python torchscope/count.py                                   # ex, seed rules, mul_factor 0.5
+    python torchscope/count.py                                   # ex, uci rules, mul_factor 0.5
     python torchscope/count.py --mul-factor 1
     python torchscope/count.py --rules micronet --model-state-file model_state_ex.pytar
     python torchscope/count.py --model efficientnet_b3 --per-layer --json b3.json
+
+Not named cli.py: run as a script, torchscope/ heads sys.path, and a torchscope/cli.py would stand
+in for the project's `cli` package.
 """
 import argparse
 import json
@@ -14,18 +17,31 @@ import sys
 
 import torch
 
+import errors
 import models
 import torchscope
-from engine.cli import add_model_args, positive_int, typed
-from engine.errors import UserError, run_main
+from cli.args import add_model_args, positive_int, typed
+from cli.errors import run_main
+from engine.checkpoint import load_weights
 from torchscope import text
+from torchscope.rules import ruleset_name
 
-# The seed README's scores for efficientnet_ex (SPEC §5), shown next to ours when they apply.
-SEED_SCORES = ("0.074762", "0.12541")
+# The scores the original entry's README (UCI/Qualcomm, 2019) gives for efficientnet_ex
+# (docs/counting.md), shown next to ours when they apply.
+UCI_README_SCORES = ("0.074762", "0.12541")
 
 
 # (0, 1]: 0.5 counts a multiply as half an operation (the fp16 freebie), 1 as a whole one.
 mul_factor = typed(float, lambda x: 0 < x <= 1, "a number in (0, 1] (0.5: multiplies count half, 1: full)")
+
+
+def rules_name(v):
+    """--rules: a rule set, or an alias of one (seed -> uci), as its canonical name."""
+    try:
+        return ruleset_name(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid choice: {v!r} (choose from {', '.join(torchscope.RULESETS)})") from None
 
 
 def build_parser():
@@ -38,9 +54,10 @@ def build_parser():
                    help="weight of a multiply in Madds, 0 < F <= 1 (default 0.5, the fp16 freebie)")
     p.add_argument("--input-size", type=positive_int, nargs=3, default=[3, 32, 32], metavar=("C", "H", "W"),
                    help="one sample's shape (default 3 32 32)")
-    p.add_argument("--rules", choices=sorted(torchscope.RULESETS), default="seed",
-                   help="seed: the original count.py's formulas (default); micronet: the challenge's "
-                        "counting (separate mults/adds, BN folded, sparsity credited)")
+    p.add_argument("--rules", type=rules_name, default="uci", metavar="{uci,micronet}",
+                   help="uci: the original entry's count.py formulas (default; 'seed' is an alias); "
+                        "micronet: the challenge's counting (separate mults/adds, BN folded, sparsity "
+                        "credited)")
     p.add_argument("--model-state-file", default=None, metavar="PATH",
                    help="load these weights first (exact zeros count as sparse under --rules micronet)")
     p.add_argument("--per-layer", action="store_true", help="print one row per module")
@@ -63,10 +80,18 @@ def parse_args(argv):
 
 def build_model(args):
     try:
-        return models.create(args.model, coslinear=args.coslinear, width_mult=args.width_mult,
-                             depth_mult=args.depth_mult, input_size=args.input_size[1])
+        # Random weights from a fixed seed, so that a count without --model-state-file gives the
+        # same figures on every run: the micronet rules skip exact zeros, and now and then a
+        # random draw holds one.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            return models.create(args.model, head=models.head_name(args.coslinear),
+                                 width_mult=args.width_mult, depth_mult=args.depth_mult,
+                                 input_size=args.input_size[1])
+    except errors.ToolkitError:
+        raise
     except ValueError as e:
-        raise UserError(str(e)) from None
+        raise errors.ConfigError(str(e)) from None
 
 
 def run_count(model, args):
@@ -75,11 +100,12 @@ def run_count(model, args):
                                 rules=args.rules)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot count {args.model} on input {'x'.join(map(str, args.input_size))}: "
-                        f"{first[:200]}") from None
+        raise errors.ConfigError(f"cannot count {args.model} on input {'x'.join(map(str, args.input_size))}: "
+                                 f"{first[:200]}", setting="input_size") from None
 
 
-def is_seed_setting(args):
+def is_uci_setting(args):
+    """The setting of the original entry's README: efficientnet_ex as published, cosine head, 32x32."""
     return (args.model == "efficientnet_ex" and args.coslinear and args.width_mult is None
             and args.depth_mult is None and list(args.input_size) == [3, 32, 32])
 
@@ -92,7 +118,7 @@ def write_json(path, payload):
             json.dump(payload, f, indent=2)
             f.write("\n")
     except OSError as e:
-        raise UserError(f"cannot write --json {path}: {e.strerror or e}") from None
+        raise errors.ConfigError(f"cannot write {path}: {e.strerror or e}", setting="json") from None
 
 
 def main(argv=None):
@@ -100,7 +126,6 @@ def main(argv=None):
     model = build_model(args)
     state_info = None
     if args.model_state_file:
-        from engine.checkpoint import load_weights
         load_weights(model, args.model_state_file)
         state_info = args.model_state_file
     report = run_count(model, args)
@@ -113,16 +138,17 @@ def main(argv=None):
     if args.per_layer:
         print("\n".join(text.layer_table(report)))
         print()
-    if args.rules == "seed":
-        print("\n".join(text.seed_block(report)))
+    if args.rules == "uci":
+        print("\n".join(text.uci_block(report)))
         print()
-        print("\n".join(text.seed_scores(report)))
-        if is_seed_setting(args):
+        print("\n".join(text.uci_scores(report, mul_factor_name="--mul-factor")))
+        if is_uci_setting(args):
             s = report.scores()
-            print(f"(seed README: {SEED_SCORES[0]} and {SEED_SCORES[1]}; the exact "
-                  f"first is {s['freebie']['score']:.8f}, which the README rounded up)")
+            print(f"(the original entry's README (UCI/Qualcomm, 2019): {UCI_README_SCORES[0]} and "
+                  f"{UCI_README_SCORES[1]}; the exact first is {s['freebie']['score']:.8f}, which the "
+                  "README rounded up)")
         if state_info and any(p.detach().eq(0).any() for p in model.parameters() if p.dim() >= 2):
-            print("(the seed rules count every weight, zero or not; --rules micronet credits sparsity)")
+            print("(the uci rules count every weight, zero or not; --rules micronet credits sparsity)")
     else:
         print("\n".join(text.micronet_block(report)))
     for note in report.notes:
@@ -131,7 +157,7 @@ def main(argv=None):
     if args.json:
         payload = {"model": desc, "model_state_file": state_info, **report.to_dict()}
         if not all(math.isfinite(v["score"]) for v in payload["scores"].values()):
-            raise UserError("the score is not finite; check the model")
+            raise errors.ConfigError("the score is not finite; check the model and its weights")
         write_json(args.json, payload)
         print(f"\nwrote {args.json}")
     return 0

@@ -1,0 +1,97 @@
+"""argparse types and flag groups shared by the scripts: each bad value becomes argparse's one-line
+error (exit 2) that names the flag, the value and the range it must be in."""
+import argparse
+import math
+import os
+
+import models
+
+SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit seed; numpy's is reduced modulo 2**32
+# Width and depth multipliers above 4 build models of hundreds of millions of parameters (memory
+# grows with the square of the width); b3, the largest of the original entry, is width 1.2, depth 1.4.
+MULT_MAX = 4.0
+
+
+def str2bool(v):
+    """A real boolean: the original's `type=bool` made `--coslinear False` mean True."""
+    s = str(v).strip().lower()
+    if s in ("true", "yes", "1", "on", "t", "y"):
+        return True
+    if s in ("false", "no", "0", "off", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {v!r}")
+
+
+def typed(convert, ok, what):
+    """An argparse type: convert the text, then check the value; each failure is one clear line.
+    Non-finite numbers (inf, nan) are refused whatever `ok` says."""
+    def parse(v):
+        try:
+            x = convert(v)
+        except (ValueError, OverflowError):
+            raise argparse.ArgumentTypeError(f"expected {what}, got {v!r}") from None
+        if isinstance(x, float) and not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be a finite number ({what}), got {v}")
+        if not ok(x):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {v}")
+        return x
+    return parse
+
+
+positive_int = typed(int, lambda n: n > 0, "a positive integer")
+positive_float = typed(float, lambda x: x > 0, "a positive number")
+nonneg_float = typed(float, lambda x: x >= 0, "a number >= 0")
+probability = typed(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
+seed_int = typed(int, lambda n: 0 <= n <= SEED_MAX, f"an integer in 0..2^63-1 ({SEED_MAX})")
+multiplier = typed(float, lambda x: 0 < x <= MULT_MAX,
+                   f"a number in (0, {MULT_MAX:g}] (larger models do not fit in memory)")
+
+
+def model_name(v):
+    if v not in models.names():
+        raise argparse.ArgumentTypeError(f"unknown model {v!r}; known models: {', '.join(models.names())}")
+    return v
+
+
+def default_data_dir():
+    return os.environ.get("CIFAR100_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "cifar100")
+
+
+def add_model_args(p):
+    p.add_argument("--model", type=model_name, default="efficientnet_ex",
+                   help=f"one of {', '.join(models.names())}")
+    p.add_argument("--width-mult", type=multiplier, default=None,
+                   help="override the model's width multiplier (compound scaling)")
+    p.add_argument("--depth-mult", type=multiplier, default=None,
+                   help="override the model's depth multiplier")
+    p.add_argument("--coslinear", type=str2bool, default=True, metavar="true|false",
+                   help="cosine-linear head (true, the original's setting) or dropout+linear (false)")
+
+
+def add_data_args(p):
+    p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=default_data_dir(),
+                   help="folder holding cifar-100-python/ (default: $CIFAR100_DIR or ~/.cache/cifar100)")
+    p.add_argument("--no-download", action="store_true",
+                   help="never download CIFAR-100; fail if it is not under --data_dir")
+    p.add_argument("--test-limit", type=positive_int, default=None,
+                   help="evaluate on the first N test images only")
+
+
+def given_flags(parser, argv):
+    """Destinations the user set explicitly on the command line (a resume takes the rest from the
+    saved run)."""
+    shadow = argparse.ArgumentParser(add_help=False)
+    for a in parser._actions:
+        if not a.option_strings or a.dest == "help":
+            continue
+        if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+            shadow.add_argument(*a.option_strings, dest=a.dest, action="store_const", const=True,
+                                default=argparse.SUPPRESS)
+        elif isinstance(a, argparse.BooleanOptionalAction):
+            shadow.add_argument(*a.option_strings, dest=a.dest, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS)
+        else:
+            kw = {"nargs": a.nargs} if a.nargs not in (None, 0) else {}
+            shadow.add_argument(*a.option_strings, dest=a.dest, default=argparse.SUPPRESS, **kw)
+    known, _ = shadow.parse_known_args(argv)
+    return set(vars(known))

@@ -1,0 +1,99 @@
+"""Writing a run's checkpoints, in the spirit of timm's CheckpointSaver: the epoch's bare state,
+the best weights, and the recovery state (last.pytar), in an order that every crash leaves usable.
+
+At the end of an epoch, in this order:
+  model_state_XX.pytar  the bare student state_dict (the original entry's format), if kept;
+  model_best.pytar      when the epoch is the best so far;
+  last.pytar            the commit point: everything to resume, finished or not;
+  status.json, metrics.csv, curves.png   derived from last.pytar, rewritten whenever the run opens.
+A kill before last.pytar's rename repeats the epoch on resume (bit-exact on the CPU); a kill after
+it loses nothing. Only the main rank writes; the others return at once.
+"""
+import os
+import random
+
+import torch
+
+import models
+
+from . import checkpoint, distributed, runs
+
+
+def rng_state(device):
+    return {"torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def set_rng_state(state, device):
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CheckpointSaver:
+    def __init__(self, folder, net, optimizer, scaler, args, ctx, log):
+        self.folder, self.net, self.optimizer, self.scaler = folder, net, optimizer, scaler
+        self.args, self.ctx, self.log = args, ctx, log
+        self.refined = bool(args.label_refinery_model)
+
+    def path(self, name):
+        return os.path.join(self.folder, name)
+
+    def training_state(self, state):
+        """The content of last.pytar."""
+        return checkpoint.with_checksum({
+            "format": checkpoint.FORMAT,
+            "model": checkpoint.bare_state(self.net),
+            "arch": models.describe(self.net),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "train": state.to_dict(),
+            "history": list(state.history),
+            "args": {k: v for k, v in vars(self.args).items() if k not in ("argv", "given", "script")},
+            # Informational: each epoch reseeds from (seed, epoch, rank), and a mid-epoch state keeps
+            # every rank's streams in train.partial.rng.
+            "rng": {**rng_state(self.ctx.device), "python": random.getstate()},
+            "finished": state.finished,
+        })
+
+    def save_recovery(self, state, meter, seconds):
+        """Mid-epoch last.pytar at state.next_epoch / state.next_step, bit-exact to continue from.
+        Every rank must call it (the RNG states are gathered)."""
+        rngs = distributed.gather_objects(rng_state(self.ctx.device))
+        if not self.ctx.is_main:
+            return
+        state.partial = {"sums": meter.state(), "seconds": seconds, "rng": rngs}
+        self._commit(state)
+        state.partial = None
+
+    def save_epoch(self, state, epoch, is_best, test):
+        """End of an epoch (state already advanced to the next one)."""
+        if not self.ctx.is_main:
+            return
+        if self.args.keep_epoch_states:
+            checkpoint.save_atomic(checkpoint.bare_state(self.net), self.path(f"model_state_{epoch:02}.pytar"))
+        if is_best:
+            checkpoint.save_atomic(checkpoint.weights_file(self.net, epoch=epoch, test=test, args=self.args.model),
+                                   self.path("model_best.pytar"))
+        self._commit(state)
+        self.refresh(state)
+
+    def _commit(self, state):
+        checkpoint.save_atomic(self.training_state(state), self.path("last.pytar"))
+        runs.write_json(self.path("status.json"), status_of(state))
+
+    def refresh(self, state):
+        """The derived files, rewritten from the state (after every epoch and when a run opens)."""
+        if not self.ctx.is_main:
+            return
+        runs.write_json(self.path("status.json"), status_of(state))
+        runs.write_metrics(self.folder, state.history, self.refined)
+        problem = runs.draw_curves(self.path("curves.png"), state.history, os.path.basename(self.folder))
+        if problem:
+            self.log(f"warning: curves.png not drawn ({problem}); training goes on")
+
+
+def status_of(state):
+    """status.json: where the run stands (for people and scripts; the run itself trusts last.pytar)."""
+    return {"next_epoch": state.next_epoch, "next_step": state.next_step, "finished": state.finished,
+            "best": state.best}
