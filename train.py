@@ -62,12 +62,13 @@ def train(args, ctx, on_epoch=None):
     on_epoch(row) is called after each epoch on every rank (chain.py's ETA)."""
     log = runs.RunLog(enabled=ctx.is_main)
     speed.resolve(args, ctx.device)
-    with StopRequest() as stop:  # from the first moment: a signal during start-up stops cleanly
-        folder, lock, saved = find_resume(args, ctx, log)
+    # From the first moment a signal stops cleanly; the run folder's lock goes with any exit.
+    with StopRequest() as stop, runs.RunLock() as lock, log:
+        folder, saved = find_resume(args, ctx, log, lock)
         regime = parse_regime(args.lr_regime)
         epochs = args.epochs or regime_end(regime)
         if saved is not None and saved["train"]["next_epoch"] > epochs:
-            return already_finished(ctx, folder, saved, log, lock)
+            return already_finished(ctx, folder, saved, log)
         lr_factor = ctx.world_size if args.lr_scale == "linear" else 1
 
         # Everything that can fail on bad input fails here, before a run folder exists.
@@ -82,24 +83,24 @@ def train(args, ctx, on_epoch=None):
         state = restore(saved, net, optimizer, scaler, folder) if saved else RunState()
         check_position(state, ctx, len(train_loader), epochs, log)
 
-        folder, lock = open_folder(args, ctx, folder, lock, log)
+        folder = open_folder(args, ctx, folder, lock, log)
         saver = CheckpointSaver(folder, net, optimizer, scaler, args, ctx, log)
-        autocast = speed.autocast(args, ctx.device)
         criterion = make_criterion(args.coslinear, args.s, args.m, args.label_smoothing)
         describe_run(args, ctx, net, epochs, lr_factor, saved is not None, folder, log)
         parts, eval_net, teacher_forward = make_step_parts(args, ctx, net, teacher, optimizer, scaler,
-                                                           criterion, autocast, log)
+                                                           criterion, log)
+        autocast = parts.autocast
         if teacher is not None:
             report_teacher(args, teacher_forward, test_loader, autocast, log)
         run = Run(args, ctx, log, saver, state, stop)
         if agreed_stop(run):
-            return stopped(run, lock, trained=False)
+            return stopped(run)
 
         for epoch in range(state.next_epoch, epochs + 1):
             lr = set_lr(optimizer, lr_at(regime, epoch) * lr_factor)
             stats = train_one_epoch(parts, train_loader, epoch, epochs, run)
             if stats is None:  # stopped by a signal; last.pytar holds the position
-                return stopped(run, lock)
+                return stopped(run)
             test = evaluate(eval_net, test_loader, criterion, autocast, teacher=teacher_forward)
             row = epoch_row(epoch, lr, stats, test)
             is_best = state.record(row, test)
@@ -110,8 +111,8 @@ def train(args, ctx, on_epoch=None):
             if on_epoch:
                 on_epoch(row)
             if epoch < epochs and agreed_stop(run):
-                return stopped(run, lock)
-    return finish(run, lock, net)
+                return stopped(run)
+        return finish(run, net)
 
 
 # ----------------------------------------------------------------------------- one epoch
@@ -125,7 +126,7 @@ def train_one_epoch(parts, loader, epoch, epochs, run):
     parts.model.train()
     check_every = nan_check_every(args, ctx.device)
     progress = Progress(run.log, len(loader), first_step, f"epoch {epoch}/{epochs}", args.log_interval,
-                        enabled=ctx.is_main and not args.no_progress, batch_size=args.batch_size)
+                        enabled=ctx.is_main and not args.no_progress)
     failed = torch.zeros((), dtype=torch.int64, device=ctx.device)
     sync(ctx.device)
     t0 = time.perf_counter()
@@ -258,22 +259,21 @@ def load_data(args, ctx, log):
     test_x, test_y = data.load_cifar100(args.data_dir, train=False, download=False)
     train_x, train_y = data.subset(train_x, train_y, args.train_limit, setting="train_limit")
     test_x, test_y = data.subset(test_x, test_y, args.test_limit, setting="test_limit")
-    fmt = speed.memory_format(args)
+    place = data.Placement(ctx.device, ctx.rank, ctx.world_size, speed.memory_format(args))
     # A compiled step would recompile for the short last batch (and then run every batch through a
     # dynamic-shape graph): drop it instead.
-    train = data.TrainLoader(train_x, train_y, args.batch_size, aug=args.aug, seed=args.seed,
-                             device=ctx.device, rank=ctx.rank, world_size=ctx.world_size,
-                             memory_format=fmt, drop_last=bool(args.compile))
-    test = data.EvalLoader(test_x, test_y, args.eval_batch_size, device=ctx.device, rank=ctx.rank,
-                           world_size=ctx.world_size, memory_format=fmt)
+    train = data.TrainLoader(train_x, train_y, args.batch_size, aug=args.aug, seed=args.seed, place=place,
+                             drop_last=bool(args.compile))
+    test = data.EvalLoader(test_x, test_y, args.eval_batch_size, place=place)
     log(f"data: {len(train_x)} train images x {data.copies(args.aug)} ({args.aug} augmentation), "
         f"{len(test_x)} test images, from {args.data_dir}")
     return train, test
 
 
-def make_step_parts(args, ctx, net, teacher, optimizer, scaler, criterion, autocast, log):
+def make_step_parts(args, ctx, net, teacher, optimizer, scaler, criterion, log):
     """The step's parts; returns (parts, the student to evaluate, the teacher's forward or None).
     Compiled modules are proven on a zero batch of the real shape; DDP wraps the student alone."""
+    autocast = speed.autocast(args, ctx.device)
     eval_net, teacher_forward = net, teacher
     if args.compile:
         probe = torch.zeros(args.batch_size, 3, 32, 32, device=ctx.device).contiguous(
@@ -332,17 +332,17 @@ def epoch_line(row, test, epochs, is_best):
 
 # ----------------------------------------------------------------------------- run folders and resume
 
-def find_resume(args, ctx, log):
-    """(run folder, its lock, its loaded last.pytar) to continue, or (None, None, None) for a new
-    run. The folder is locked before its state is read, so two processes never share a run."""
+def find_resume(args, ctx, log, lock):
+    """(run folder, its loaded last.pytar) to continue, or (None, None) for a new run. The folder is
+    locked (on the main rank) before its state is read, so two processes never share a run."""
     if not args.resume:
-        return None, None, None
+        return None, None
     if args.resume == "auto":
-        folder, finished = (runs.find_run(args.save, vars(args)) if ctx.is_main else (None, None))
+        folder = runs.find_run(args.save, vars(args)) if ctx.is_main else None
         folder = distributed.broadcast_object(folder)
         if folder is None:
             log(f"--resume auto: no run of these arguments under {args.save}; starting a new one")
-            return None, None, None
+            return None, None
         path = os.path.join(folder, "last.pytar")
     else:
         folder = args.resume if os.path.isdir(args.resume) else os.path.dirname(args.resume)
@@ -350,13 +350,14 @@ def find_resume(args, ctx, log):
         if not os.path.exists(path):
             raise errors.RunError(f"--resume {args.resume}: {path} does not exist; give a run folder that "
                                   "holds last.pytar, or the file itself")
-    lock = runs.RunLock(folder).acquire() if ctx.is_main else None
+    if ctx.is_main:
+        lock.acquire(folder)
     saved = checkpoint.load_file(path)
     if not isinstance(saved, dict) or saved.get("format") != checkpoint.FORMAT or "train" not in saved:
         raise errors.RunError(f"--resume {path} is not a training state (last.pytar) of this toolkit; "
                               "pass a run folder or its last.pytar")
     inherit_run_args(args, saved["args"], path)
-    return folder, lock, saved
+    return folder, saved
 
 
 def inherit_run_args(args, saved, path):
@@ -394,37 +395,37 @@ def check_position(state, ctx, steps, epochs, log):
 
 def open_folder(args, ctx, folder, lock, log):
     """Create (or reopen) and lock the run folder once every check passed; clear what killed writes
-    left; write args.json and the log. Returns (folder, lock) on every rank."""
+    left; write args.json and the log. Returns the folder on every rank."""
     if ctx.is_main:
         if folder is None:
             folder = runs.create_run_dir(args.save, args.model, args.coslinear, bool(args.label_refinery_model))
-            lock = runs.RunLock(folder).acquire()
+            lock.acquire(folder)
         runs.remove_temporaries(folder)
         log.attach(os.path.join(folder, "log.txt"))
         runs.write_json(os.path.join(folder, "args.json"),
                         {k: v for k, v in vars(args).items() if k not in ("argv", "given", "script")})
-    return distributed.broadcast_object(folder), lock
+    return distributed.broadcast_object(folder)
 
 
-def already_finished(ctx, folder, saved, log, lock):
+def already_finished(ctx, folder, saved, log):
     """--resume of a run that already trained every epoch asked for: repair its derived files (a
     kill may have come between last.pytar and them), say so, exit 0."""
     state = RunState.from_checkpoint(saved)
     if ctx.is_main:
+        runs.remove_temporaries(folder)
         refined = bool(saved["args"].get("label_refinery_model"))
         runs.write_json(os.path.join(folder, "status.json"), {"next_epoch": state.next_epoch,
                                                               "next_step": state.next_step,
                                                               "finished": True, "best": state.best})
         runs.write_metrics(folder, state.history, refined)
         runs.draw_curves(os.path.join(folder, "curves.png"), state.history, os.path.basename(folder))
-        lock.release()
     b = state.best
     log(f"the run {folder} is already finished: best test top-1 {b['top1']:.2f}% ({b['correct']}/{b['total']}) "
         f"at epoch {b['epoch']}; {os.path.join(folder, 'model_best.pytar')}")
     return {"folder": folder, "best": b, "history": state.history, "stopped": False, "exit_code": 0}
 
 
-def stopped(run, lock, trained=True):
+def stopped(run):
     """After a signal: print the exact command that continues the run, release it, return."""
     args, ctx, folder = run.args, run.ctx, run.saver.folder
     last = os.path.join(folder, "last.pytar")
@@ -432,14 +433,11 @@ def stopped(run, lock, trained=True):
         # Stopped during start-up: nothing was trained, so the fresh folder goes (it held no state).
         run.log(f"stopped by signal {run.stop.signum} before training began; nothing to resume")
         run.log.close()
-        lock.release()
         shutil.rmtree(folder, ignore_errors=True)
         return {"folder": None, "best": None, "history": [], "stopped": True, "exit_code": run.stop.exit_code}
     run.log(f"stopped by signal {run.stop.signum}; state saved to {last}")
     run.log(f"resume with: {resume_command(args, ctx, last)}")
     run.log.close()
-    if lock:
-        lock.release()
     return {"folder": folder, "best": run.state.best, "history": run.state.history, "stopped": True,
             "exit_code": run.stop.exit_code}
 
@@ -457,15 +455,13 @@ def resume_command(args, ctx, last):
     return shlex.join(launcher + ["train.py"] + argv + ["--resume", last])
 
 
-def finish(run, lock, net):
+def finish(run, net):
     if run.ctx.distributed:
         run.log(check_ranks_in_sync(net, run.ctx))
     b = run.state.best
     run.log(f"done: best test top-1 {b['top1']:.2f}% ({b['correct']}/{b['total']}) at epoch {b['epoch']}; "
             f"{os.path.join(run.saver.folder, 'model_best.pytar')}")
     run.log.close()
-    if lock:
-        lock.release()
     return {"folder": run.saver.folder, "best": b, "history": run.state.history, "stopped": False,
             "exit_code": 0}
 

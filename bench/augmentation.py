@@ -184,8 +184,8 @@ def main(argv=None):
         f"ours at threads {threads}" + (", and the reference definition" if has_fast else ""))
 
     def endless_loader(fast):
-        loader = D.TrainLoader(images, labels, a.batch_size, aug=RECIPE, seed=0, device=device,
-                               memory_format=torch.channels_last, fast=fast)
+        loader = D.TrainLoader(images, labels, a.batch_size, aug=RECIPE, seed=0,
+                               place=D.Placement(device, memory_format=torch.channels_last), fast=fast)
 
         def epoch_iter(epoch):
             loader.set_epoch(epoch)

@@ -21,7 +21,7 @@
 #              concurrent processes so their torch.compile work overlaps on the CPUs, while a lock
 #              file lets only one of them time on the GPU at a time, pinned to CPUs 0-1 that the
 #              others are kept off (see TimingLock in bench/common.py).
-# 4. training     train.py --model efficientnet_ex on hard labels with the seed augmentation, for as
+# 4. training     train.py --model efficientnet_ex on hard labels with the original entry's (uci) augmentation, for as
 #              many epochs as the measured batch-128 speed fits into the time left (at most 240 s),
 #              stopped by SIGTERM at the cap if the estimate was off (train.py then saves and exits).
 # 5. ETA          bench/eta.py: the whole chain (b3, b3<-b3, b0<-b3, ex<-b0) at the measured speeds.

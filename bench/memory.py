@@ -6,7 +6,7 @@ per-block activation checkpointing.
 
 torchscope's memory() gives the original's "forward/backward pass size": 2 x 2 x (elements every leaf
 module outputs per sample) / 2**20, which reads as float32 MB per sample of all the activations a
-backward pass keeps (SPEC convention; see torchscope.counter.Report.memory). Autograd keeps about
+backward pass keeps (the original count.py's convention; see torchscope.counter.Report.memory). Autograd keeps about
 that much: each conv, BN and Swish saves its input or output. From it:
 
   fp32        per-sample MB x batch

@@ -17,21 +17,22 @@ Augmentation (data/augment.py; recipes are data, see RECIPES and OPS there):
         -> normalised float images; the CPU fast path (data/augment_cpu.py) where it applies
 
 Loaders (data/loader.py):
-    TrainLoader(images_u8, labels, batch_size, aug="uci", seed=0, device="cpu", rank=0,
-                world_size=1, drop_last=False, memory_format=contiguous, fast=True)
+    Placement(device="cpu", rank=0, world_size=1, memory_format=contiguous): where batches go
+    TrainLoader(images_u8, labels, batch_size, aug="uci", seed=0, place=Placement(), drop_last=False,
+                fast=True)
         .set_epoch(e), .iterate(start_step=0), iter(), len(), .device, .aug (resolved name),
         .copies, .per_rank, .indices() [per_rank], .draws() float [per_rank, K]
         errors.ConfigError(setting="batch_size" / "aug" / "train_limit"); RunError from iterate()
-    EvalLoader(images_u8, labels, batch_size, device="cpu", rank=0, world_size=1, memory_format=contiguous)
+    EvalLoader(images_u8, labels, batch_size, place=Placement())
         errors.ConfigError(setting="eval_batch_size")
     subset(images, labels, limit, setting=None) -> the first `limit` samples; ConfigError(setting=setting)
     derive_seed(*parts) -> a 63-bit random seed hashed from a tuple of tags and ints
 """
 from .augment import ALIASES, AUG_RECIPES, RECIPES, apply, copies, draw, recipe_name
 from .cifar import MEAN, NUM_CLASSES, STD, load_cifar100
-from .loader import EvalLoader, TrainLoader, derive_seed, make_pipeline, subset
+from .loader import EvalLoader, Placement, TrainLoader, derive_seed, make_pipeline, subset
 
 __all__ = [
-    "ALIASES", "AUG_RECIPES", "MEAN", "NUM_CLASSES", "RECIPES", "STD", "EvalLoader", "TrainLoader", "apply",
+    "ALIASES", "AUG_RECIPES", "MEAN", "NUM_CLASSES", "RECIPES", "STD", "EvalLoader", "Placement", "TrainLoader", "apply",
     "copies", "derive_seed", "draw", "load_cifar100", "make_pipeline", "recipe_name", "subset",
 ]

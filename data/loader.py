@@ -8,6 +8,7 @@ RNG state, and a sample's augmentation does not depend on the batch size.
 """
 import hashlib
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -54,6 +55,16 @@ def _check_batch_size(batch_size, setting):
         raise ConfigError(f"batch size must be at least 1, got {batch_size}", setting=setting)
 
 
+@dataclass(frozen=True)
+class Placement:
+    """Where a loader's batches go: the device, this process's rank among world_size ranks, and the
+    memory format of the images."""
+    device: object = "cpu"
+    rank: int = 0
+    world_size: int = 1
+    memory_format: torch.memory_format = torch.contiguous_format
+
+
 class TrainLoader:
     """Shuffled, augmented training batches (x float32 normalised [B,3,H,W], y int64), on `device`.
 
@@ -63,8 +74,9 @@ class TrainLoader:
     the reference augmentation even where a faster equal one exists.
     """
 
-    def __init__(self, images_u8, labels, batch_size, aug="uci", seed=0, device="cpu", rank=0,
-                 world_size=1, drop_last=False, memory_format=torch.contiguous_format, fast=True):
+    def __init__(self, images_u8, labels, batch_size, aug="uci", seed=0, place=Placement(), drop_last=False,
+                 fast=True):
+        device, rank, world_size, memory_format = place.device, place.rank, place.world_size, place.memory_format
         _check_batch_size(batch_size, "batch_size")
         _check_data(images_u8, labels, rank, world_size)
         self.aug = augment.recipe_name(aug)
@@ -134,8 +146,8 @@ class EvalLoader:
     """In-order batches with normalisation only. With several ranks each gets a contiguous slice
     [start, stop), so every image is evaluated exactly once in total (slices may differ by one)."""
 
-    def __init__(self, images_u8, labels, batch_size, device="cpu", rank=0, world_size=1,
-                 memory_format=torch.contiguous_format):
+    def __init__(self, images_u8, labels, batch_size, place=Placement()):
+        device, rank, world_size, memory_format = place.device, place.rank, place.world_size, place.memory_format
         _check_batch_size(batch_size, "eval_batch_size")
         _check_data(images_u8, labels, rank, world_size)
         n = len(labels)

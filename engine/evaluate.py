@@ -55,8 +55,8 @@ def evaluate_checkpoint(cfg, path, ctx, tta=False):
     model.to(device=ctx.device, memory_format=fmt)
     images, labels = data.load_cifar100(cfg.data_dir, train=False, download=not cfg.no_download)
     images, labels = data.subset(images, labels, cfg.test_limit)
-    loader = data.EvalLoader(images, labels, cfg.eval_batch_size, device=ctx.device, rank=ctx.rank,
-                             world_size=ctx.world_size, memory_format=fmt)
+    loader = data.EvalLoader(images, labels, cfg.eval_batch_size,
+                             place=data.Placement(ctx.device, ctx.rank, ctx.world_size, fmt))
     r = evaluate(model, loader, make_criterion(cfg.coslinear, cfg.s), speed.autocast(fast, ctx.device), tta=tta)
     r["reached_80"] = r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR
     return r, model, meta

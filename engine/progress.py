@@ -24,12 +24,11 @@ def format_duration(seconds):
 
 
 class Progress:
-    def __init__(self, log, total, first_step, desc, interval, enabled=True, tty=None, min_seconds=60.0,
-                 batch_size=1):
+    def __init__(self, log, total, first_step, desc, interval, enabled=True, tty=None, min_seconds=60.0):
         self.log, self.total, self.desc, self.interval = log, total, desc, interval
         self.enabled = enabled
         self.tty = sys.stdout.isatty() if tty is None else tty
-        self.min_seconds, self.batch_size = min_seconds, batch_size
+        self.min_seconds = min_seconds
         self.first_step = first_step
         self.t0 = self.last_line = time.perf_counter()
         self.bar = None
@@ -39,9 +38,11 @@ class Progress:
                             unit="batch")
             log.bar_active = True
 
-    def rate(self, step):
-        """Steps per second since this epoch's first step in this process."""
-        return (step - self.first_step) / max(time.perf_counter() - self.t0, 1e-9)
+    def rates(self, step, summary):
+        """(steps/s, images/s) since this epoch's first step in this process; images per step are
+        the epoch's average (this rank's)."""
+        steps_s = (step - self.first_step) / max(time.perf_counter() - self.t0, 1e-9)
+        return steps_s, steps_s * summary["total"] / max(step, 1)
 
     def update(self, step, meter):
         """After `step` steps of the epoch (1-based count)."""
@@ -52,15 +53,15 @@ class Progress:
             if step % self.interval == 0:
                 s = meter.summary()
                 self.bar.set_postfix(loss=f"{s['loss']:.3f}", top1=f"{s['top1']:.1f}%",
-                                     img_s=f"{self.rate(step) * self.batch_size:.0f}")
+                                     img_s=f"{self.rates(step, s)[1]:.0f}")
             return
         now = time.perf_counter()
         if step % self.interval == 0 and now - self.last_line >= self.min_seconds and step < self.total:
             self.last_line = now
             s = meter.summary()
-            rate = self.rate(step)
+            steps_s, images_s = self.rates(step, s)
             self.log(f"  {self.desc} step {step}/{self.total} | loss {s['loss']:.4f} top-1 {s['top1']:.2f}% | "
-                     f"{rate * self.batch_size:.0f} img/s | epoch ETA {format_duration((self.total - step) / rate)}")
+                     f"{images_s:.0f} img/s | epoch ETA {format_duration((self.total - step) / steps_s)}")
 
     def close(self):
         if self.bar is not None:

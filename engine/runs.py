@@ -129,38 +129,38 @@ def remove_temporaries(folder):
 
 class RunLock:
     """An exclusive lock on a run folder while a process trains in it (flock: released by the
-    kernel when the process dies, so a killed run never leaves a stale lock behind)."""
+    kernel when the process dies, so a killed run never leaves a stale lock behind). Used as a
+    context manager, it releases whatever it acquired on any exit, error or not."""
 
-    def __init__(self, folder):
-        self.folder = folder
-        self.path = os.path.join(folder, LOCK_FILE)
-        self.fd = None
+    def __init__(self):
+        self.folder = self.fd = None
 
-    def acquire(self):
+    def acquire(self, folder):
+        path = os.path.join(folder, LOCK_FILE)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _storage_error(self.path, e) from None
+            raise _storage_error(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise errors.RunError(f"the run {self.folder} is in use by process {holder}; wait for it "
+            raise errors.RunError(f"the run {folder} is in use by process {holder}; wait for it "
                                   "to finish or stop it first") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
-        self.fd = fd
+        self.folder, self.fd = folder, fd
         return self
 
     def release(self):
         if self.fd is not None:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
-            self.fd = None
+            self.folder = self.fd = None
 
     def __enter__(self):
-        return self.acquire()
+        return self
 
     def __exit__(self, *exc):
         self.release()
@@ -188,8 +188,8 @@ def read_state(folder):
 
 
 def find_run(root, args_dict):
-    """The newest run under root whose last.pytar has these identity arguments: (folder, finished),
-    or (None, None). Only last.pytar is trusted; a damaged status.json or args.json changes nothing."""
+    """The newest run folder under root whose last.pytar has these identity arguments, finished or
+    not, or None. Only last.pytar is trusted; a damaged status.json or args.json changes nothing."""
     best = None
     for path in glob.glob(os.path.join(root, "*", "last.pytar")):
         folder = os.path.dirname(path)
@@ -200,8 +200,8 @@ def find_run(root, args_dict):
             continue
         mtime = os.path.getmtime(path)
         if best is None or mtime > best[0]:
-            best = (mtime, folder, bool(state.get("finished")))
-    return (best[1], best[2]) if best else (None, None)
+            best = (mtime, folder)
+    return best[1] if best else None
 
 
 class RunLog:
@@ -238,6 +238,12 @@ class RunLog:
                 self.file = None
                 print(f"warning: log.txt can no longer be written ({e.strerror}); logging to the console "
                       "only", flush=True)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
     def close(self):
         if self.file:

@@ -1,7 +1,7 @@
 """EfficientNet for 32x32 inputs, built from one stage table.
 
-Module names follow the original entry's layout (SPEC §6) so that its `.pytar` files load
-without any key mapping: `features.0` stem unit, `features.1..N` MBConv blocks,
+Module names follow the original entry's checkpoint layout (docs/original-entry.md), so that its
+`.pytar` files load without any key mapping: `features.0` stem unit, `features.1..N` MBConv blocks,
 `features.N+1` head unit, `classifier` head.
 """
 import contextlib

@@ -59,7 +59,7 @@ def card(name):
 
 
 def head_name(coslinear):
-    """The command line's --coslinear true|false as a head name."""
+    """A cosine-head switch (true or false) as a head name."""
     return "cosine" if coslinear else "linear"
 
 

@@ -16,7 +16,7 @@ import torchvision.transforms.functional as TF
 
 import data
 import errors
-from data import (AUG_RECIPES, MEAN, STD, EvalLoader, TrainLoader, augment, augment_cpu, copies,
+from data import (AUG_RECIPES, MEAN, STD, EvalLoader, Placement, TrainLoader, augment, augment_cpu, copies,
                   load_cifar100, make_pipeline, recipe_name, subset)
 
 # Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.
@@ -316,7 +316,7 @@ def test_seed_is_an_alias_of_uci():
 
 
 def test_uci_recipe_is_the_originals():
-    # SPEC section 3: the enlarged epoch, one transform per copy.
+    # docs/original-entry.md, "Label refinery and the recipe": the enlarged epoch, one transform per copy.
     assert augment.RECIPES["uci"] == (
         {"jitter": (0.2, 0.2), "flip": (0.5,)},
         {"jitter": (0.4, 0.4), "crop": (0.3, 1.0, 0.8, 1.2), "flip": (0.5,)},
@@ -473,8 +473,8 @@ def test_fast_path_equals_reference(memory_format):
 
 def test_fast_loader_equals_reference_loader():
     x, y = fake_data()
-    fast = TrainLoader(x, y, 64, aug="uci", seed=3, memory_format=torch.channels_last)
-    ref = TrainLoader(x, y, 64, aug="uci", seed=3, memory_format=torch.channels_last, fast=False)
+    fast = TrainLoader(x, y, 64, aug="uci", seed=3, place=Placement(memory_format=torch.channels_last))
+    ref = TrainLoader(x, y, 64, aug="uci", seed=3, fast=False, place=Placement(memory_format=torch.channels_last))
     for (xa, ya), (xb, yb) in zip(fast, ref):
         assert torch.equal(ya, yb)
         torch.testing.assert_close(xa, xb, atol=1e-5, rtol=0)
@@ -503,7 +503,7 @@ def collect(loader, **kw):
     ("none", 3, True, 100 // 64)])
 def test_train_loader_len(aug, ws, drop_last, expected):
     x, y = fake_data()
-    loader = TrainLoader(x, y, 64, aug=aug, world_size=ws, drop_last=drop_last)
+    loader = TrainLoader(x, y, 64, aug=aug, drop_last=drop_last, place=Placement(world_size=ws))
     assert len(loader) == expected == len(collect(loader))
     sizes = [len(b[1]) for b in collect(loader)]
     assert all(s == 64 for s in sizes[:-1]) and (sizes[-1] == 64 or not drop_last)
@@ -570,7 +570,7 @@ def test_train_ddp_shards_are_disjoint_and_cover_the_permutation(n):
     single = TrainLoader(x, y, 64, seed=4)
     shards = []
     for rank in range(2):
-        loader = TrainLoader(x, y, 64, seed=4, rank=rank, world_size=2)
+        loader = TrainLoader(x, y, 64, seed=4, place=Placement(rank=rank, world_size=2))
         seen = torch.cat([b[1] for b in collect(loader)])
         assert torch.equal(seen, loader.indices() % n)
         shards.append(loader.indices())
@@ -613,15 +613,15 @@ def test_train_ranks_and_steps_draw_different_augmentation():
     x = torch.full((400, 3, 32, 32), 128, dtype=torch.uint8)
     x[:, :, :16] = 30
     y = torch.zeros(400, dtype=torch.long)
-    r0 = collect(TrainLoader(x, y, 64, seed=4, rank=0, world_size=2))
-    r1 = collect(TrainLoader(x, y, 64, seed=4, rank=1, world_size=2))
+    r0 = collect(TrainLoader(x, y, 64, seed=4, place=Placement(rank=0, world_size=2)))
+    r1 = collect(TrainLoader(x, y, 64, seed=4, place=Placement(rank=1, world_size=2)))
     assert not torch.equal(r0[0][0], r1[0][0])
     assert not torch.equal(r0[0][0], r0[1][0])
 
 
 def test_train_batches_are_independent_tensors():
     x, y = fake_data()
-    loader = TrainLoader(x, y, 64, aug="uci", seed=2, memory_format=torch.channels_last)
+    loader = TrainLoader(x, y, 64, aug="uci", seed=2, place=Placement(memory_format=torch.channels_last))
     batches = collect(loader)
     kept = [b[0].clone() for b in batches]
     again = collect(loader)
@@ -634,7 +634,7 @@ def test_train_batches_are_independent_tensors():
 
 def test_train_loader_options_and_errors():
     x, y = fake_data(100)
-    loader = TrainLoader(x, y, 16, aug="standard", memory_format=torch.channels_last)
+    loader = TrainLoader(x, y, 16, aug="standard", place=Placement(memory_format=torch.channels_last))
     xb, _ = next(iter(loader))
     assert xb.is_contiguous(memory_format=torch.channels_last)
     for bad in (0, -4):
@@ -648,7 +648,7 @@ def test_train_loader_options_and_errors():
         TrainLoader(x, y, 16, aug="cutmix")
     assert e.value.setting == "aug"
     with pytest.raises(errors.ConfigError, match="cannot be split over 4 ranks") as e:
-        TrainLoader(x[:1], y[:1], 16, aug="none", world_size=4)
+        TrainLoader(x[:1], y[:1], 16, aug="none", place=Placement(world_size=4))
     assert e.value.setting == "train_limit" and assert_plain(e)
 
 
@@ -657,7 +657,7 @@ def test_eval_loader_covers_every_image_once_in_order(ws):
     x, y = fake_data(1000)
     xs, ys = [], []
     for rank in range(ws):
-        loader = EvalLoader(x, y, 64, rank=rank, world_size=ws)
+        loader = EvalLoader(x, y, 64, place=Placement(rank=rank, world_size=ws))
         batches = list(loader)
         assert len(batches) == len(loader)
         xs += [b[0] for b in batches]

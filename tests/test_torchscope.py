@@ -259,19 +259,203 @@ def test_tiny_micronet_sparse_by_hand():
         model.fc.weight[2, :3].zero_()   # and three weights of a third row: 21 left
     dense = torchscope.count(Tiny(), input_size=TINY_INPUT, rules="micronet")
     r = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
-    # Linear: one mult per non-zero weight; per output, (non-zeros - 1) adds, floored at 0, + bias.
+    # 19 of 40 zeros, more than 1/16: stored sparse, so its ops shrink. The organisers' library:
+    # a dot product of length in * (1 - sparsity) per output, i.e. nz mults and nz - out adds in all.
     assert r.mults == dense.mults - 40 + 21
-    assert r.adds == dense.adds - (7 * 5 + 5) + ((0 + 0 + 4 + 7 + 7) + 5)
-    # Weights: non-zeros + 1-bit mask over the tensor (40 / 32), when cheaper than dense.
+    assert r.adds == dense.adds - (7 * 5 + 5) + ((21 - 5) + 5)
+    # Weights: non-zeros + 1-bit mask over the tensor (40 / 32).
     assert r.params32 == dense.params32 - 40 + (21 + 40 / 32)
     assert r.params16 == dense.params16 - 20 + (21 / 2 + 40 / 32)
     assert r.sparse == {"fc.weight": (21, 40)}
-    # A single zero does not pay for a mask: the tensor stays dense.
+    assert [row.sparsity for row in r.rows if row.name == "fc"] == [19 / 40]
+    # A single zero does not pay for a mask: the tensor stays dense, and a dense-stored tensor gets
+    # no op credit for its zeros (the organisers' library gives none).
     with torch.no_grad():
         model.fc.weight.fill_(1.0)
         model.fc.weight[0, 0] = 0
     one = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
-    assert one.params32 == dense.params32 and one.mults == dense.mults - 1
+    assert one.params32 == dense.params32 and one.sparse == {}
+    assert (one.mults, one.adds) == (dense.mults, dense.adds)
+    # Two zeros of 40 (1/20) are still dense; three (3/40 > 1/16) pay for the mask.
+    with torch.no_grad():
+        model.fc.weight[0, 1] = 0
+    assert torchscope.count(model, input_size=TINY_INPUT, rules="micronet").sparse == {}
+    with torch.no_grad():
+        model.fc.weight[0, 2] = 0
+    three = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
+    assert three.sparse == {"fc.weight": (37, 40)} and three.mults == dense.mults - 3
+
+
+# ------------------------------------------- compressed models: bits and sparsity, by the library
+
+def _sparse_size(n, bits, sparsity):
+    """The organisers' get_sparse_size (micronet_challenge/counting.py): bits to store n values."""
+    size = n * bits * (1 - sparsity)
+    if sparsity > 0:
+        size += n  # the 1-bit mask
+    return size
+
+
+def _library_conv(out_size, k, c_in, c_out, sparsity, bits, use_bias, depthwise=False):
+    """The organisers' count_ops for Conv2D / DepthWiseConv2D (activation counted apart): (weight
+    bits, bias values, mults, adds)."""
+    n = k * k * c_in * (1 if depthwise else c_out)
+    vector = k * k * (1 if depthwise else c_in) * (1 - sparsity)
+    n_out = out_size * out_size * c_out
+    mults, adds = vector * n_out, (vector - 1) * n_out
+    if use_bias:
+        adds += n_out
+    return _sparse_size(n, bits, sparsity), c_out if use_bias else 0, mults, adds
+
+
+def _library_fc(c_in, c_out, sparsity, bits):
+    n_elements = c_in * (1 - sparsity)
+    return _sparse_size(c_in * c_out, bits, sparsity), c_out, n_elements * c_out, (n_elements - 1) * c_out + c_out
+
+
+def _mask(shape, pruned, seed):
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[torch.randperm(n, generator=g)[:pruned]] = False
+    return keep.reshape(shape)
+
+
+def _compressed_tiny():
+    """Tiny with a hand-made compression record: every weight layer its own widths, four of them sparse."""
+    torch.manual_seed(0)
+    model = Tiny()
+    plan = {  # name: (weight bits, input bits, pruned weights)
+        "stem.1": (8, 8, 108),              # 216 weights, 50% sparse
+        "block.conv.0.1": (4, 8, 36),       # depthwise, 72 weights, 50%
+        "block.conv.1.se.1": (4, 4, 0),     # SE reduce, dense
+        "block.conv.1.se.3": (2, 4, 0),     # SE expand, dense
+        "block.conv.2": (4, 6, 48),         # projection, 64 weights, 75%
+        "fc": (8, 16, 30),                  # 40 weights, 75%; 16-bit inputs
+    }
+    modules = dict(model.named_modules())
+    layers = {}
+    with torch.no_grad():
+        for i, (name, (wb, ab, pruned)) in enumerate(plan.items()):
+            w = modules[name].weight
+            w.copy_(torch.randn(w.shape).abs() + 0.1)   # no stray zeros
+            mask = _mask(tuple(w.shape), pruned, i) if pruned else None
+            if mask is not None:
+                w.mul_(mask)
+            layers[name] = {"weight_bits": wb, "act_bits": ab, "mask": mask}
+    return model, {"layers": layers}
+
+
+def test_tiny_compressed_equals_the_organisers_formulas():
+    """conv, depthwise conv, SE, projection, residual add, pool and linear at given bits and sparsity:
+    parameter bits, mults and adds per layer as the organisers' count_ops gives them (their
+    activations apart), each multiply at the larger of its inputs' widths, adds at 32 bits."""
+    model, rec = _compressed_tiny()
+    r = torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=rec)
+    assert r.uncounted == [] and r.compressed
+    rows = {row.name: row for row in r.rows}
+    # (weight bits, bias values, mults, adds) per weight layer; 4x4 maps, 'same' padding.
+    lib = {
+        "stem.1": _library_conv(4, 3, 3, 8, 0.5, 8, use_bias=True),             # BN folded: a bias
+        "block.conv.0.1": _library_conv(4, 3, 8, 8, 0.5, 4, use_bias=True, depthwise=True),
+        "block.conv.1.se.1": _library_conv(1, 1, 8, 2, 0.0, 4, use_bias=True),
+        "block.conv.1.se.3": _library_conv(1, 1, 2, 8, 0.0, 2, use_bias=True),
+        "block.conv.2": _library_conv(4, 1, 8, 8, 0.75, 4, use_bias=True),       # own bias; BN adds none
+        "fc": _library_fc(8, 5, 0.75, 8),
+    }
+    for name, (wbits, bias, mults, adds) in lib.items():
+        row = rows[name]
+        assert (row.mults, row.adds) == (mults, adds), name
+        # Biases are not quantised: they cost the default width, 16 or 32 bits.
+        assert 32 * row.params16 == wbits + 16 * bias, name
+        assert 32 * row.params32 == wbits + 32 * bias, name
+    assert [rows[n].sparsity for n in lib] == [0.5, 0.5, 0.0, 0.0, 0.75, 0.75]
+    # By hand, two of them: stem 216 weights, half kept, 8 bits + a 216-bit mask; 13.5 mults per output.
+    assert lib["stem.1"] == (108 * 8 + 216, 8, 13.5 * 128, 12.5 * 128 + 128)
+    assert lib["fc"] == (10 * 8 + 40, 5, 10, 10)
+    # The unweighted ops: swish (3 + 1), sigmoid (2 + 1), pools (C, (HW - 1) C), SE multiply, add.
+    HW = 16
+    elementwise = {
+        "stem.3": (3 * 8 * HW, 8 * HW), "block.conv.0.3": (3 * 8 * HW, 8 * HW),
+        "block.conv.1.se.0": (8, (HW - 1) * 8), "block.conv.1.se.2": (6, 2), "block.conv.1.se.4": (16, 8),
+        "block.conv.1.mul": (8 * HW, 0), "block.add": (0, 8 * HW), "pool": (8, (HW - 1) * 8),
+    }
+    for name, (mults, adds) in elementwise.items():
+        assert (rows[name].mults, rows[name].adds) == (mults, adds), name
+        assert rows[name].weight_bits is None and rows[name].act_bits is None
+    assert r.mults == sum(v[2] for v in lib.values()) + sum(v[0] for v in elementwise.values())
+    assert r.adds == sum(v[3] for v in lib.values()) + sum(v[1] for v in elementwise.values())
+
+    # The score: a multiply costs max(weight bits, input bits) / 32; unquantised data 16 bits with
+    # the freebie, 32 without; an add its accumulator's 32 bits.
+    widths = {"stem.1": 8, "block.conv.0.1": 8, "block.conv.1.se.1": 4, "block.conv.1.se.3": 4,
+              "block.conv.2": 6, "fc": 16}
+    quantised_mult_bits = sum(lib[n][2] * widths[n] for n in lib)
+    assert quantised_mult_bits == 1728 * 8 + 576 * 8 + 16 * 4 + 16 * 4 + 256 * 6 + 10 * 16
+    float_mults = sum(v[0] for v in elementwise.values())
+    weight_bits = sum(v[0] for v in lib.values())
+    biases = sum(v[1] for v in lib.values())
+    s = r.scores()
+    for key, default in (("freebie", 16), ("full", 32)):
+        params = (weight_bits + default * biases) / 32
+        ops = (quantised_mult_bits + default * float_mults) / 32 + r.adds
+        assert s[key]["params"] == params and s[key]["ops"] == ops
+        assert s[key]["score"] == pytest.approx(params / 36.5e6 + ops / 10.49e9, rel=1e-12)
+        assert s[key]["params_term"] + s[key]["ops_term"] == pytest.approx(s[key]["score"], rel=1e-12)
+    assert s["freebie"]["params"] == (1640 + 39 * 16) / 32
+    # A 16-bit accumulator halves what every add costs.
+    s16 = torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=rec, add_bits=16).scores()
+    assert s16["full"]["ops"] == s["full"]["ops"] - r.adds / 2
+
+
+def test_only_layers_stored_sparse_get_op_credit():
+    """With a record, a layer is sparse only when the record gives it a mask (and pays for it): the
+    same zeros in a layer the record keeps dense cost every multiply."""
+    model, rec = _compressed_tiny()
+    dense_rec = {"layers": {n: dict(e, mask=None) for n, e in rec["layers"].items()}}
+    r = torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=dense_rec)
+    assert r.sparse == {}
+    dense_model = Tiny()
+    plain = torchscope.count(dense_model, input_size=TINY_INPUT, rules="micronet")
+    assert (r.mults, r.adds) == (plain.mults, plain.adds)
+    rows = {row.name: row for row in r.rows}
+    assert 32 * rows["fc"].params32 == 40 * 8 + 5 * 32   # dense at 8 bits, no mask
+    # The same weights without any record: the zeros are many, so the tensors count as sparse.
+    inferred = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
+    assert set(inferred.sparse) == {"stem.1.weight", "block.conv.0.1.weight", "block.conv.2.weight", "fc.weight"}
+
+
+def test_uci_rules_ignore_the_compression_record():
+    model, rec = _compressed_tiny()
+    plain = torchscope.count(model, input_size=TINY_INPUT, rules="uci")
+    r = torchscope.count(model, input_size=TINY_INPUT, rules="uci", compression=rec)
+    assert (r.flops, r.mults, r.adds, r.total_params) == (plain.flops, plain.mults, plain.adds, plain.total_params)
+    assert r.scores() == plain.scores()
+    assert any("ignore the compression record" in n for n in r.notes)
+
+
+def test_compression_record_that_does_not_fit_is_refused():
+    model, rec = _compressed_tiny()
+    bad = {"layers": {**rec["layers"], "fc": {"weight_bits": 8, "act_bits": 8, "mask": torch.ones(3, 3, dtype=torch.bool)}}}
+    with pytest.raises(ValueError, match="mask of fc"):
+        torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=bad)
+    with pytest.raises(ValueError, match="stem.2"):
+        torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression={"layers": {"stem.2": {}}})
+    with pytest.raises(ValueError, match="add_bits"):
+        torchscope.count(model, input_size=TINY_INPUT, rules="micronet", add_bits=0)
+
+
+def test_a_layer_with_a_kind_is_counted_whole():
+    """A module with a layer kind is one row even with children (a quantised conv holds its input
+    quantiser): the children get no row of their own."""
+    import compress
+    model = Tiny()
+    plain = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
+    compress.quantize(model, 8, 8)
+    q = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
+    assert [row.name for row in q.rows] == [row.name for row in plain.rows]
+    assert not any("input_quant" in row.name for row in q.rows) and q.uncounted == []
+    assert (q.mults, q.adds, q.params32) == (plain.mults, plain.adds, plain.params32)
 
 
 def test_count_restores_state_and_rejects_bad_arguments():
@@ -591,3 +775,71 @@ def test_count_without_the_project_installed_says_how_to_fix_it():
     assert p.returncode == 2 and p.stdout == ""
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install -e ." in lines[0] and "repository root" in lines[0], p.stderr
+
+
+# ------------------------------------------------------------ the CLI on compressed checkpoints
+
+NARROW = ["--width-mult", "0.25", "--depth-mult", "0.2"]
+
+
+def _compressed_checkpoint(path, mutate=None):
+    """A model_best.pytar of a narrow ex, 4-bit weights / 8-bit inputs (8/8 first and head), half of
+    every layer pruned, with its compression record."""
+    import compress
+    from engine import checkpoint
+    torch.manual_seed(0)
+    m = models.create("efficientnet_ex", width_mult=0.25, depth_mult=0.2)
+    compress.quantize(m, 4, 8, first_last_bits=8)
+    pruner = compress.Pruner(m, compress.PruneSchedule(0.5, 1, 1), scope="layer")
+    pruner.step(1)
+    with torch.no_grad():
+        m.train()(torch.randn(8, 3, 32, 32))   # the input ranges
+    rec = compress.record(m, pruner)
+    if mutate:
+        mutate(rec)
+    torch.save(checkpoint.weights_file(m, epoch=1, compression=rec), path)
+    return m, rec
+
+
+def test_cli_counts_a_compressed_checkpoint(tmp_path, capsys):
+    path, out = tmp_path / "model_best.pytar", tmp_path / "c.json"
+    _compressed_checkpoint(path)
+    assert command.main(["--rules", "micronet", *NARROW]) == 0
+    dense = capsys.readouterr().out
+    assert command.main(["--rules", "micronet", "--per-layer", *NARROW, "--model-state-file", str(path),
+                         "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "Compression record: W4/A8 x35, W8/A8 x3; 38 masked layers, 50.0% of their weights pruned" in text
+    assert re.search(r"^features\.0\.1\s+QuantConv2d\s+8x32x32\s+8/8\s+50\.0%", text, re.M)
+    assert re.search(r"^features\.1\.conv\.0\.1\s+QuantConv2d\s+8x32x32\s+4/8\s+50\.0%", text, re.M)
+    assert "Bits W/A" in text and "(parameters " in text
+
+    def score(t, which):
+        return float(re.search(rf"^MicroNet score, {which}:.*= ([\d.]+)$", t, re.M).group(1))
+    for which in ("fp16 freebie", "no freebie"):
+        assert 0 < score(text, which) < score(dense, which) / 2
+    data = json.loads(out.read_text())
+    assert data["compressed"] and data["compression"].startswith("W4/A8")
+    rows = {r["name"]: r for r in data["layers"]}
+    assert (rows["classifier.0"]["weight_bits"], rows["classifier.0"]["act_bits"]) == (8, 8)
+    assert rows["features.1.conv.0.1"]["sparsity"] == 0.5
+    assert round(data["scores"]["full"]["score"], 6) == score(text, "no freebie")
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda r: r["layers"]["features.1.conv.0.1"].update(weight_bits=40), "weight bits 40 out of range"),
+    (lambda r: r["layers"]["features.0.1"].update(act_bits=1), "activation bits 1 out of range"),
+    (lambda r: r["layers"]["features.0.1"].update(mask=torch.ones(3, 3, dtype=torch.bool)),
+     "the mask of features.0.1 has shape (3, 3), its weight (8, 3, 3, 3)"),
+    (lambda r: r["layers"]["features.0.1"].update(mask=torch.ones(8, 3, 3, 3)), "not a bool tensor"),
+    (lambda r: r["layers"].update({"features.0.2": {"weight_bits": 8, "act_bits": 8}}),
+     "features.0.2 is not a conv, linear or cosine layer"),
+])
+def test_cli_bad_compression_record_one_line(tmp_path, capsys, mutate, needle):
+    path = tmp_path / "bad.pytar"
+    _compressed_checkpoint(path, mutate)
+    with pytest.raises(SystemExit) as e:
+        command.script(["--rules", "micronet", *NARROW, "--model-state-file", str(path)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0] and str(path) in err[0], err

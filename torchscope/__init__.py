@@ -5,15 +5,22 @@
                               mul_factor=0.5, rules="uci")
     report.total_params, report.flops, report.madds(), report.madds(1.0), report.scores()
 
-Every leaf module is costed by its layer kind: torch layers by their type, a layer of one's own by
-the `layer_kind` class attribute it declares (torchscope.rules lists the kinds; docs/counting.md the
-conventions). The counting core (counter, rules, score, text) imports nothing from the project.
-`python torchscope/count.py --help` (or `python -m torchscope.count`) is the command-line front
-end, in torchscope/command.py.
+Every leaf module, and every module that has a layer kind, is costed by its kind: torch layers by
+their type, a layer of one's own by the `layer_kind` class attribute it declares (torchscope.rules
+lists the kinds; docs/counting.md the conventions). The counting core (counter, rules, score, text)
+imports nothing from the project.
+
+A compressed model is scored under the micronet rules from its compression record (a plain dict,
+compress.record: per layer its weight bits, input bits and mask; docs/compression.md):
+
+    report = torchscope.count(model, rules="micronet", compression=record, add_bits=32)
+
+`python torchscope/count.py` (or `python -m torchscope.count`; its help lists the options) is the
+command-line front end, in torchscope/command.py.
 """
 from .counter import BATCH, Report, Row, count
 from .rules import RULE_ALIASES, RULESETS, TORCH_KINDS, layer_kind
-from .score import OPS_BASELINE, PARAMS_BASELINE, micronet_score, scores
+from .score import DEFAULT_BITS, OPS_BASELINE, PARAMS_BASELINE, micronet_score, mult_bits, scores
 
 __all__ = ["count", "Report", "Row", "BATCH", "RULESETS", "RULE_ALIASES", "TORCH_KINDS", "layer_kind",
-           "scores", "micronet_score", "PARAMS_BASELINE", "OPS_BASELINE"]
+           "scores", "micronet_score", "mult_bits", "DEFAULT_BITS", "PARAMS_BASELINE", "OPS_BASELINE"]

@@ -5,6 +5,11 @@ parameters, FLOPs, Madds, memory and the MicroNet score of a model.
     python torchscope/count.py --mul-factor 1
     python torchscope/count.py --rules micronet --model-state-file model_state_ex.pytar
     python torchscope/count.py --model efficientnet_b3 --per-layer --json b3.json
+    python torchscope/count.py --rules micronet --per-layer --model-state-file RUN/model_best.pytar
+
+A checkpoint with a compression record (bit widths and masks, compress.record) is counted with
+them: its layers get the record's quantised numerics and the micronet rules charge its bits and
+sparsity. Without a record, a weight tensor counts as sparse when more than 1/16 of it is zeros.
 
 Not named cli.py: run as a script, torchscope/ heads sys.path, and a torchscope/cli.py would stand
 in for the project's `cli` package.
@@ -22,7 +27,7 @@ import models
 import torchscope
 from cli.args import add_model_args, positive_int, typed
 from cli.errors import run_main
-from engine.checkpoint import load_weights
+from engine.checkpoint import fit_state_dict, load_file, state_dict_of
 from torchscope import text
 from torchscope.rules import ruleset_name
 
@@ -33,6 +38,9 @@ UCI_README_SCORES = ("0.074762", "0.12541")
 
 # (0, 1]: 0.5 counts a multiply as half an operation (the fp16 freebie), 1 as a whole one.
 mul_factor = typed(float, lambda x: 0 < x <= 1, "a number in (0, 1] (0.5: multiplies count half, 1: full)")
+
+
+add_bits = typed(int, lambda b: 1 <= b <= 32, "a whole number of bits from 1 to 32")
 
 
 def rules_name(v):
@@ -59,7 +67,11 @@ def build_parser():
                         "micronet: the challenge's counting (separate mults/adds, BN folded, sparsity "
                         "credited)")
     p.add_argument("--model-state-file", default=None, metavar="PATH",
-                   help="load these weights first (exact zeros count as sparse under --rules micronet)")
+                   help="load these weights first; a compressed checkpoint's record (bits, masks) is "
+                        "applied and scored under --rules micronet; without one, a weight tensor more "
+                        "than 1/16 zeros counts as sparse")
+    p.add_argument("--add-bits", type=add_bits, default=32, metavar="B",
+                   help="under --rules micronet, the accumulator's width: what an add costs (default 32)")
     p.add_argument("--per-layer", action="store_true", help="print one row per module")
     p.add_argument("--json", default=None, metavar="PATH", help="write every figure to this JSON file")
     return p
@@ -94,10 +106,24 @@ def build_model(args):
         raise errors.ConfigError(str(e)) from None
 
 
-def run_count(model, args):
+def load_state(model, path):
+    """Load the weights of `path` into `model`; a compression record in the file is validated and
+    applied (quantised layers, masks). Returns the record, or None."""
+    obj = load_file(path)
+    state, meta = state_dict_of(obj, path)
+    fit_state_dict(model, state, path, meta)
+    record = meta.get("compression") if isinstance(meta, dict) else None
+    if record is None:
+        return None
+    import compress  # only for compressed files: plain counts need nothing past the counter
+    compress.apply_record(model, record, source=path)
+    return record
+
+
+def run_count(model, args, record=None):
     try:
         return torchscope.count(model, input_size=tuple(args.input_size), mul_factor=args.mul_factor,
-                                rules=args.rules)
+                                rules=args.rules, compression=record, add_bits=args.add_bits)
     except (RuntimeError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.ConfigError(f"cannot count {args.model} on input {'x'.join(map(str, args.input_size))}: "
@@ -124,16 +150,19 @@ def write_json(path, payload):
 def main(argv=None):
     args = parse_args(argv)
     model = build_model(args)
-    state_info = None
+    state_info = record = None
     if args.model_state_file:
-        load_weights(model, args.model_state_file)
+        record = load_state(model, args.model_state_file)
         state_info = args.model_state_file
-    report = run_count(model, args)
+    report = run_count(model, args, record)
 
     desc = models.describe(model)
     print(f"Model: {args.model} (width {desc['width_mult']:g}, depth {desc['depth_mult']:g}, "
           f"{'cosine' if desc['coslinear'] else 'plain'} head), input {'x'.join(map(str, args.input_size))}, "
           f"weights: {state_info or 'random init'}, rules: {args.rules}; figures per sample")
+    if record is not None:
+        import compress
+        print(f"Compression record: {compress.summary(record)}")
     print()
     if args.per_layer:
         print("\n".join(text.layer_table(report)))
@@ -156,6 +185,9 @@ def main(argv=None):
 
     if args.json:
         payload = {"model": desc, "model_state_file": state_info, **report.to_dict()}
+        if record is not None:
+            import compress
+            payload["compression"] = compress.summary(record)
         if not all(math.isfinite(v["score"]) for v in payload["scores"].values()):
             raise errors.ConfigError("the score is not finite; check the model and its weights")
         write_json(args.json, payload)

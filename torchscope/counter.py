@@ -1,9 +1,17 @@
 """Count parameters, operations and memory of a model with forward hooks on its modules.
 
 One random batch of BATCH samples runs through the model in eval mode; every figure is per
-sample. Every leaf module is costed by its layer kind (rules.layer_kind: its torch type, or the
-`layer_kind` it declares) under the chosen rule set (rules.py); docs/counting.md gives the
+sample. Every leaf module, and every module with a layer kind (its children are then part of it,
+as a quantised conv's input quantiser is), is costed by its kind (rules.layer_kind: its torch type,
+or the `layer_kind` it declares) under the chosen rule set (rules.py); docs/counting.md gives the
 conventions and the reference figures. Imports nothing but torch and the standard library.
+
+Under the micronet rules a compression record (compress.record's plain dict; only its
+"layers" -> name -> "weight_bits" / "act_bits" / "mask" are read) gives each conv, linear and cosine
+layer its bit widths and its mask. A weight tensor is stored sparse, and then its ops shrink by its
+sparsity, when the record gives it a mask with pruned entries; without a record, when more than
+1/16 of its entries are exact zeros (the 1-bit mask then pays for itself even at 16 bits). Any
+other tensor is dense: it pays for every entry and gets no op credit for its zeros.
 """
 import math
 from dataclasses import asdict, dataclass, field
@@ -32,9 +40,16 @@ class Row:
     macs: int = 0
     # Elements this module materialises per sample, for the "Forward/backward pass size" line.
     activations: int = 0
-    # Parameters as the score counts them, at 32 and at 16 bits (sparse-aware under micronet).
+    # Parameters as the score counts them, in 32-bit units (bits / 32), with unquantised values at
+    # 32 and at 16 bits (the fp16 freebie); sparse-aware and bit-aware under micronet.
     params32: float = 0.0
     params16: float = 0.0
+    # Micronet rules, conv/linear/cosine rows: the layer's weight and input bit widths from the
+    # compression record (None: not quantised, counted at the score's default width), and the
+    # sparsity of its weights when they are counted sparse (0.0 when stored dense).
+    weight_bits: object = None
+    act_bits: object = None
+    sparsity: float = 0.0
     # Every row is a leaf module's call (ops inline in a container's forward are leaf modules of
     # kind "add"/"mul"); kept for readers of the JSON's layer rows.
     leaf: bool = True
@@ -58,8 +73,12 @@ class Report:
     notes: list = field(default_factory=list)
     # Parameters of modules that never ran: in total_params, and dense in params32/params16.
     idle_params: int = 0
-    # Weight tensors with exact zeros (micronet rules): name -> (non-zeros, numel).
+    # Weight tensors counted sparse (micronet rules): name -> (non-zeros, numel).
     sparse: dict = field(default_factory=dict)
+    # Accumulator width: what an add costs (bits), under the micronet rules.
+    add_bits: int = 32
+    # Whether a compression record was applied (micronet rules).
+    compressed: bool = False
 
     def _sum(self, attr):
         return sum(getattr(r, attr) for r in self.rows)
@@ -160,6 +179,8 @@ class Report:
             "memory": self.memory(),
             "scores": self.scores(),
             "sparse_weights": {k: {"nonzero": nz, "numel": n} for k, (nz, n) in self.sparse.items()},
+            "add_bits": self.add_bits,
+            "compressed": self.compressed,
             "uncounted": [list(u) for u in self.uncounted],
             "notes": list(self.notes),
             "layers": [dict(asdict(r), output_shape=list(r.output_shape),
@@ -178,27 +199,27 @@ def _first_tensor(x):
     return None
 
 
-def _param_cost(p, sparse_aware):
-    """(cost at 32 bits, cost at 16 bits) of one parameter tensor, and its non-zeros.
+def _tensor_bits(n, nonzero, sparse, bits):
+    """Bits to store a tensor of n entries at `bits` each: dense n * bits; sparse, its non-zeros
+    plus a 1-bit mask over every entry (the organisers' get_sparse_size)."""
+    return nonzero * bits + n if sparse else n * bits
 
-    A weight tensor (2+ dims) with exact zeros may be stored sparse: its non-zeros plus a 1-bit
-    mask over the whole tensor (numel / 32). An entry would only do that when it is cheaper,
-    so each precision takes the smaller of dense and sparse.
-    """
-    n = p.numel()
-    if not sparse_aware or p.dim() < 2:
-        return float(n), 0.5 * n, n
-    nz = int(p.detach().ne(0).sum())
-    mask = n / 32
-    return min(float(n), nz + mask), min(0.5 * n, 0.5 * nz + mask), nz
+
+# Without a record, a weight tensor is stored sparse when more than 1/SPARSE_AT of it is exact zeros:
+# then nz * 16 + n < 16 * n, the mask pays for itself at 16 bits (and at 32).
+SPARSE_AT = 16
 
 
 class _Counter:
-    def __init__(self, model, rules):
+    def __init__(self, model, rules, compression=None):
         self.model = model
         self.rules = rules
         self.table = R.RULESETS[rules]
         self.names = {m: n for n, m in model.named_modules()}
+        self.micronet = rules == "micronet"
+        # name -> record entry; None: no record (exact zeros decide what is sparse).
+        self.entries = compression["layers"] if (compression is not None and self.micronet) else None
+        self.storage = {}
         self.calls = {}
         self.rows = []
         self.seen_params = set()
@@ -217,21 +238,61 @@ class _Counter:
             name = f"{name}#{k}"
         return Row(name=name, type=type(module).__name__, output_shape=tuple(out.shape[1:]))
 
+    def _entry(self, module):
+        if self.entries is None:
+            return None
+        return self.entries.get(self.names.get(module, ""))
+
+    def _storage(self, module, p):
+        """(non-zeros, sparse?) of a weight tensor (2+ dims) under the micronet rules."""
+        key = id(p)
+        if key not in self.storage:
+            n = p.numel()
+            if self.entries is not None:
+                entry = self._entry(module)
+                mask = entry.get("mask") if entry else None
+                if mask is None:
+                    self.storage[key] = (n, False)
+                else:
+                    nz = int((p.detach().ne(0) & mask.to(p.device)).sum())
+                    self.storage[key] = (nz, nz < n)
+            else:
+                nz = int(p.detach().ne(0).sum())
+                self.storage[key] = (nz, (n - nz) * SPARSE_AT > n)
+        return self.storage[key]
+
+    def _layer_weight(self, module, kind):
+        """(non-zeros if counted sparse else None, the weight tensor) of a conv/linear/cosine."""
+        attr = R.WEIGHT_ATTR.get(kind)
+        w = getattr(module, attr, None) if attr else None
+        if not self.micronet or not isinstance(w, torch.Tensor) or w.dim() < 2:
+            return None, w
+        nz, sparse = self._storage(module, w)
+        return (nz if sparse else None), w
+
     def _own_params(self, module, row):
-        sparse_aware = self.rules == "micronet"
+        entry = self._entry(module)
+        wbits = entry.get("weight_bits") if entry else None
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in self.seen_params:
                 continue
             self.seen_params.add(id(p))
-            row.params += p.numel()
+            n = p.numel()
+            row.params += n
             if id(row) in self.folded:
                 # Folded away: its scale and shift live on in the conv's weights and bias.
                 continue
-            c32, c16, nz = _param_cost(p, sparse_aware)
-            row.params32 += c32
-            row.params16 += c16
-            if sparse_aware and p.dim() >= 2 and nz < p.numel():
-                self.sparse[f"{self.names.get(module, '')}.{pname}".lstrip(".")] = (nz, p.numel())
+            if not self.micronet:
+                row.params32 += n
+                row.params16 += 0.5 * n
+                continue
+            nz, sparse = self._storage(module, p) if p.dim() >= 2 else (n, False)
+            # Only a layer's weights are quantised; biases stay at the default width.
+            qbits = wbits if p.dim() >= 2 else None
+            row.params32 += _tensor_bits(n, nz, sparse, qbits or 32) / 32
+            row.params16 += _tensor_bits(n, nz, sparse, qbits or 16) / 32
+            if sparse:
+                self.sparse[f"{self.names.get(module, '')}.{pname}".lstrip(".")] = (nz, n)
 
     def leaf_hook(self, module, inputs, output):
         kind, rule = R.find_rule(self.table, module)
@@ -253,6 +314,14 @@ class _Counter:
         if id(row) not in self.folded:
             if rule is None:
                 self.uncounted.append((row.name, row.type))
+            elif self.micronet and kind in R.WEIGHT_ATTR:
+                nonzero, w = self._layer_weight(module, kind)
+                self._apply(row, rule(module, in_shape, tuple(out.shape[1:]), nonzero=nonzero))
+                entry = self._entry(module)
+                if entry:
+                    row.weight_bits, row.act_bits = entry.get("weight_bits"), entry.get("act_bits")
+                if nonzero is not None:
+                    row.sparsity = 1.0 - nonzero / w.numel()
             else:
                 self._apply(row, rule(module, in_shape, tuple(out.shape[1:])))
 
@@ -299,21 +368,69 @@ class _Counter:
                              f"needs the batch dimension ({BATCH}) first to give per-sample figures")
 
 
-def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci"):
+def _units(model):
+    """The modules to hook: each leaf, and each module with a layer kind, whose children are then
+    part of it (not hooked themselves)."""
+    seen, out = set(), []
+
+    def walk(m):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        children = list(m.children())
+        if not children or R.layer_kind(m) is not None:
+            out.append(m)
+            return
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return out
+
+
+def _check_compression(model, compression):
+    layers = compression.get("layers") if isinstance(compression, dict) else None
+    if not isinstance(layers, dict):
+        raise ValueError("compression must be a record with per-layer entries (compress.record)")
+    modules = dict(model.named_modules())
+    for name, entry in layers.items():
+        m = modules.get(name)
+        if m is None or R.layer_kind(m) not in R.WEIGHT_ATTR:
+            raise ValueError(f"the compression record names {name}, not a conv, linear or cosine layer of "
+                             "the model counted")
+        mask = entry.get("mask")
+        w = getattr(m, R.WEIGHT_ATTR[R.layer_kind(m)])
+        if mask is not None and tuple(mask.shape) != tuple(w.shape):
+            raise ValueError(f"the compression record's mask of {name} has shape {tuple(mask.shape)}, "
+                             f"its weight {tuple(w.shape)}")
+        for key in ("weight_bits", "act_bits"):
+            b = entry.get(key)
+            if b is not None and (isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 32):
+                raise ValueError(f"the compression record gives {name} {key.replace('_', ' ')} {b!r}")
+
+
+def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compression=None, add_bits=32):
     """Count `model` on one random batch of shape (BATCH, *input_size); figures per sample.
 
     rules: "uci" (the original entry's count.py; "seed" is an alias) or "micronet" (the
     challenge organisers' counting); docs/counting.md gives both, torchscope.rules every formula.
     mul_factor weights multiplies in the original's Madds (0.5: the fp16 freebie, 1: full); the
-    report gives Madds at any factor. ValueError for a mul_factor outside (0, 1] or unknown rules.
+    report gives Madds at any factor. compression: a compression record (compress.record: per
+    layer weight bits, input bits, mask) scored under the micronet rules (the uci rules ignore it);
+    add_bits: the accumulator's width, what an add costs under the micronet rules (default 32).
+    ValueError for a mul_factor outside (0, 1], unknown rules, add_bits outside 1..32 or a
+    record that does not fit the model.
     """
     if not 0 < mul_factor <= 1:
         raise ValueError(f"mul_factor must be in (0, 1], got {mul_factor}")
+    if isinstance(add_bits, bool) or not isinstance(add_bits, int) or not 1 <= add_bits <= 32:
+        raise ValueError(f"add_bits must be a whole number of bits from 1 to 32, got {add_bits!r}")
     rules = R.ruleset_name(rules)
     input_size = tuple(int(s) for s in input_size)
-    c = _Counter(model, rules)
-    handles = [m.register_forward_hook(c.leaf_hook) for m in model.modules()
-               if not any(True for _ in m.children())]
+    if compression is not None:
+        _check_compression(model, compression)
+    c = _Counter(model, rules, compression)
+    handles = [m.register_forward_hook(c.leaf_hook) for m in _units(model)]
 
     try:
         first = next(model.parameters(), None)
@@ -343,7 +460,12 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci"):
 
     report = Report(rules=rules, input_size=input_size, mul_factor=float(mul_factor), rows=c.rows,
                     total_params=total, trainable_params=trainable, legacy_nontrainable=legacy,
-                    uncounted=c.uncounted, idle_params=idle, sparse=c.sparse)
+                    uncounted=c.uncounted, idle_params=idle, sparse=c.sparse,
+                    add_bits=add_bits if rules == "micronet" else 32,
+                    compressed=c.entries is not None)
+    if compression is not None and rules != "micronet":
+        report.notes.append(f"the {rules} rules ignore the compression record (bit widths and masks); "
+                            "the micronet rules score it")
     if c.uncounted:
         kinds = sorted({t for _, t in c.uncounted})
         report.notes.append(f"no {rules} rule for {', '.join(kinds)} ({len(c.uncounted)} module calls): "

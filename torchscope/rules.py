@@ -53,9 +53,12 @@ output C x H x W, groups g, kernel k x k, K = k*k*C_in/g (the dot-product length
 micronet_challenge/counting.py). Multiplies and adds are counted apart; a transcendental op
 (sqrt) counts 1 and goes with the adds, because the fp16 freebie halves multiplies only.
 
-    conv / linear      per output, a dot product over the non-zero weights of its filter (n of them):
-                       n mults and n - 1 adds, + 1 add for a bias. Dense: mults = K*C_out*H*W.
-                       A zero weight is skipped: an entry that prunes does not multiply by it.
+    conv / linear      per output, a dot product of length K (dense) or K * (1 - sparsity) when the
+                       layer is counted sparse: the library's vector_length. With nz non-zero weights
+                       of C_out filters that is nz * positions mults and (nz - C_out) * positions adds
+                       (floored at 0: the library would go negative past 1 - 1/K sparsity), + 1 add
+                       per output for a bias. Only a layer stored sparse (it pays for a 1-bit mask,
+                       see counter.py) gets this credit: a dense-stored tensor's exact zeros do not.
     batchnorm          folded into the conv (or linear) that produced its input: costs nothing
                        itself, and that conv gains a bias add (1 per output, unless it had a bias)
                        and a bias vector (C_out parameters) in place of BN's 2*C. A BN on any
@@ -66,11 +69,13 @@ micronet_challenge/counting.py). Multiplies and adds are counted apart; a transc
                        D divides counted as mults: 2D mults, D adds per vector
     cosine             the column normalisation of the kernel depends on the weights only, so an
                        entry precomputes it once (as it folds BN); what remains is the in x out
-                       matmul, counted like a linear without bias. The clamp to [-1, 1] only
-                       guards rounding and is not counted.
+                       matmul, counted like a linear without bias (its sparsity too). The clamp to
+                       [-1, 1] only guards rounding and is not counted.
     add                1 add per output element (MBConv's residual add)
     mul                1 mult per output element (the SE gate, x * gate)
     noop               nothing.
+
+Bit widths (what a multiply and an add cost) are the score's business (score.py): rules count ops.
 """
 import math
 from dataclasses import dataclass
@@ -225,40 +230,39 @@ UCI_RULES = {
 
 # ------------------------------------------------------------------------- micronet rules
 
-def _sparse_dot(nnz_per_output_unit, positions):
-    """mults and adds of `positions` dot products per unit whose non-zero lengths are given."""
-    mults = positions * sum(nnz_per_output_unit)
-    adds = positions * sum(max(n - 1, 0) for n in nnz_per_output_unit)
-    return mults, adds
+# The kinds whose rule takes the layer's counted non-zero weights (None: dense), and the attribute
+# holding those weights.
+WEIGHT_ATTR = {"conv": "weight", "linear": "weight", "cosine": "kernel"}
 
 
-def _nnz_per_row(weight):
-    """Non-zero weights of each output unit (dim 0 of a conv/linear weight)."""
-    return weight.detach().reshape(weight.shape[0], -1).ne(0).sum(dim=1).tolist()
+def _dot(numel, c_out, positions, nonzero):
+    """mults and adds of C_out dot products at `positions` places over the non-zeros (the library's
+    vector_length * (1 - sparsity) per output: nz / C_out), adds floored at 0."""
+    nz = numel if nonzero is None else nonzero
+    return positions * nz, positions * max(nz - c_out, 0)
 
 
-def micronet_conv(module, in_shape, out_shape):
+def micronet_conv(module, in_shape, out_shape, nonzero=None):
     k, c_out, hw = _conv_geometry(module, out_shape)
-    mults, adds = _sparse_dot(_nnz_per_row(module.weight), hw)
+    mults, adds = _dot(module.weight.numel(), c_out, hw, nonzero)
     if module.bias is not None:
         adds += c_out * hw
     return Cost(mults=mults, adds=adds, macs=k * c_out * hw)
 
 
-def micronet_linear(module, in_shape, out_shape):
+def micronet_linear(module, in_shape, out_shape, nonzero=None):
     n_in, n_out = in_shape[-1], out_shape[-1]
     vectors = numel(out_shape[:-1])
-    mults, adds = _sparse_dot(_nnz_per_row(module.weight), vectors)
+    mults, adds = _dot(module.weight.numel(), n_out, vectors, nonzero)
     if module.bias is not None:
         adds += vectors * n_out
     return Cost(mults=mults, adds=adds, macs=vectors * n_in * n_out)
 
 
-def micronet_cosine(module, in_shape, out_shape):
+def micronet_cosine(module, in_shape, out_shape, nonzero=None):
     n_in, n_out = module.kernel.shape
     vectors = numel(out_shape[:-1])
-    # The kernel is [in, classes]: a class's dot product runs over its column.
-    mults, adds = _sparse_dot(_nnz_per_row(module.kernel.t()), vectors)
+    mults, adds = _dot(module.kernel.numel(), n_out, vectors, nonzero)
     return Cost(mults=mults, adds=adds, macs=vectors * n_in * n_out)
 
 

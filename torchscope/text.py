@@ -65,49 +65,81 @@ def uci_scores(report, mul_factor_name="mul_factor"):
     ]
 
 
+def _bits(v):
+    return "-" if v is None else str(v)
+
+
 def micronet_block(report):
     s = report.scores()
     p, o = _baselines()
     fb, full = s["freebie"], s["full"]
+    compressed = report.compressed or any(r.weight_bits or r.act_bits for r in report.rows)
+    unit = "in 32-bit units: bits / 32" if compressed else "32-bit"
     lines = [
         "Counting by the MicroNet Challenge rules (google-research micronet_challenge counting.py):",
         "multiplies and adds apart, BatchNorm folded into its conv, residual adds, SE multiply,",
         "swish 3 mults + 1 add, sigmoid 2 + 1, pools C mults + (H*W - 1)*C adds",
+    ]
+    if compressed:
+        lines.append("a multiply costs the larger of its inputs' bit widths (unquantised: 16 with the freebie, "
+                     f"32 without); an add costs {report.add_bits} bits (the accumulator)")
+    elif report.add_bits != 32:
+        lines.append(f"an add costs {report.add_bits} bits (the accumulator)")
+    lines += [
         "",
-        f"Parameters (32-bit): {num(report.params32)}"
+        f"Parameters ({unit}): {num(report.params32)}"
         f"  ({num(report.total_params)} stored; BatchNorm folded into the convs"
         + (", sparse weights as non-zeros + 1-bit mask" if report.sparse else "") + ")",
-        f"Parameters at 16 bits (fp16 freebie): {num(report.params16)}",
+        f"Parameters with unquantised values at 16 bits (fp16 freebie): {num(report.params16)}"
+        if compressed else f"Parameters at 16 bits (fp16 freebie): {num(report.params16)}",
         f"Multiplies: {num(report.mults)}",
         f"Adds: {num(report.adds)}",
-        f"Operations (mults + adds): {num(full['ops'])}",
-        f"Operations with fp16 multiplies (0.5 x mults + adds): {num(fb['ops'])}",
     ]
+    if compressed or report.add_bits != 32:
+        lines += [f"Operations, bit-weighted, unquantised at 32 bits: {num(full['ops'])}",
+                  f"Operations, bit-weighted, unquantised at 16 bits (fp16 freebie): {num(fb['ops'])}"]
+    else:
+        lines += [f"Operations (mults + adds): {num(full['ops'])}",
+                  f"Operations with fp16 multiplies (0.5 x mults + adds): {num(fb['ops'])}"]
     if report.sparse:
         nz = sum(v[0] for v in report.sparse.values())
         n = sum(v[1] for v in report.sparse.values())
         lines.append(f"Sparse weight tensors: {len(report.sparse)} ({num(nz)} of {num(n)} weights non-zero, "
-                     f"{100 * (1 - nz / n):.1f}% zeros); ops that multiply a zero weight are skipped")
+                     f"{100 * (1 - nz / n):.1f}% zeros); their layers' ops shrink by their sparsity")
     lines += [
         "",
         f"MicroNet score, fp16 freebie: {num(fb['params'])}/{p} + {num(fb['ops'])}/{o} = {fb['score']:.6f}",
+        f"  (parameters {fb['params_term']:.6f} + operations {fb['ops_term']:.6f})",
         f"MicroNet score, no freebie:   {num(full['params'])}/{p} + {num(full['ops'])}/{o} = {full['score']:.6f}",
+        f"  (parameters {full['params_term']:.6f} + operations {full['ops_term']:.6f})",
     ]
     return lines
 
 
 def layer_table(report):
     micronet = report.rules == "micronet"
-    cols = ("Params(32b)", "Mults", "Adds") if micronet else ("Params", "FLOPs", "Madds")
+    if micronet:
+        head = ("Layer", "Type", "Output shape", "Bits W/A", "Sparsity", "Param bits fp16", "Param bits fp32",
+                "Mults", "Adds")
+    else:
+        head = ("Layer", "Type", "Output shape", "Params", "FLOPs", "Madds")
+    text_cols = 5 if micronet else 3
     rows = []
     for r in report.rows:
-        figs = ((r.params32, r.mults, r.adds) if micronet
-                else (r.params, r.flops, r.madds(report.mul_factor)))
-        rows.append((r.name, r.type, "x".join(str(d) for d in r.output_shape) or "-",
-                     *(num(v) for v in figs)))
-    head = ("Layer", "Type", "Output shape") + cols
+        shape = "x".join(str(d) for d in r.output_shape) or "-"
+        if micronet:
+            bits = "-" if r.weight_bits is None and r.act_bits is None else f"{_bits(r.weight_bits)}/{_bits(r.act_bits)}"
+            rows.append((r.name, r.type, shape, bits, f"{100 * r.sparsity:.1f}%" if r.sparsity else "-",
+                         num(32 * r.params16), num(32 * r.params32), num(r.mults), num(r.adds)))
+        else:
+            rows.append((r.name, r.type, shape, num(r.params), num(r.flops), num(r.madds(report.mul_factor))))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
-    fmt = lambda row: "  ".join(str(v).ljust(w) if i < 3 else str(v).rjust(w)
+    fmt = lambda row: "  ".join(str(v).ljust(w) if i < text_cols else str(v).rjust(w)
                                 for i, (v, w) in enumerate(zip(row, widths)))
     rule = "-" * len(fmt(head))
-    return [rule, fmt(head), rule, *(fmt(r) for r in rows), rule]
+    out = [rule, fmt(head), rule, *(fmt(r) for r in rows), rule]
+    if micronet:
+        out.append("Bits W/A: weight/input widths ('-': not quantised); Param bits: the layer's parameters "
+                   "(BatchNorm folded), unquantised values at 16 / 32 bits; sparse weights as non-zeros x bits "
+                   "+ a 1-bit mask")
+    return out

@@ -1,0 +1,268 @@
+"""Quantisation-aware training: fake-quantised weights (per output channel) and inputs (per tensor)
+of every conv, linear and cosine layer, with straight-through gradients.
+
+Each compressible layer is replaced, under the same name, by a subclass of its own class
+(QuantConv2d is an nn.Conv2d, ...) that holds the same Parameter objects: the optimizer, the state-dict
+keys and the op counter (which costs a layer by its torch base class) see the layer they saw before.
+
+- Weights: symmetric, per output channel, on the grid {-(2^(b-1) - 1), ..., 2^(b-1) - 1} x scale_c,
+  scale_c = max|w_c| / (2^(b-1) - 1) from the current weights at every forward (no state); rounding by
+  torch.fake_quantize_per_channel_affine, whose gradient is the straight-through estimator.
+- Inputs: asymmetric, per tensor, on {0, ..., 2^b - 1} with a zero point, from a moving average of the
+  batch min/max (constant 0.01): torch.ao.quantization's FusedMovingAvgObsFakeQuantize (one fused kernel
+  observes, updates the range and fake-quantises). The observer runs in training mode only; in eval
+  mode the last range is frozen, so evaluation uses the same numerics as the deployed integer layer.
+- BatchNorm folding: a BatchNorm after a conv folds into it as w' = w * g_c (g_c = gamma_c /
+  sqrt(var_c + eps), one factor per output channel) and a bias. Per-output-channel symmetric rounding
+  is invariant under a per-channel factor: q(w * g)_c = g_c * q(w)_c exactly (the channel's scale
+  scales with it, and rounding is odd-symmetric for a negative g_c). So quantising the conv's own
+  weights per channel and keeping the BatchNorm as it is gives the same integer weights as folding
+  first and quantising after, in training (batch statistics) and in eval (running statistics) alike;
+  the folded bias is a 32-bit add. This is the documented equivalent of folding: the BatchNorm keys
+  stay where they were, and nothing differs between training and evaluation numerics.
+- Bit widths 2..8 are simulated; 16 and 32 leave the layer in floating point (the MicroNet rules need
+  no 16-bit evaluation) and only tell the counter what width to charge.
+
+The observer's state (min, max, scale, zero point) is not in the model's state_dict: saved weights
+keep the plain model's keys, and that state travels in the compression record (compress.record).
+"""
+import torch
+from torch import nn
+from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver
+
+import errors
+from models.heads import NORM_EPS, CosineLinear
+
+from . import layers as L
+
+# torch.ao.quantization's default for activation observers in QAT.
+ACT_AVERAGING = 0.01
+# A channel whose weights are all zero (pruned) gets this scale instead of 0: it quantises to 0.
+SCALE_MIN = 1e-12
+# The child holding the input fake-quantiser; its state is kept out of the state_dict.
+QUANT_CHILD = "input_quant"
+
+
+def check_bits(bits, what):
+    """`bits` as an int in layers.BITS, or ConfigError naming `what`."""
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in L.BITS:
+        raise errors.ConfigError(f"{what} must be one of {L.BITS_TEXT}, got {bits!r}")
+    return bits
+
+
+def weight_qmax(bits):
+    return 2 ** (bits - 1) - 1
+
+
+def weight_scale(w, bits, axis=0):
+    """Per-channel scale of the symmetric grid: max |w_c| / (2^(b-1) - 1), never below SCALE_MIN."""
+    dims = [d for d in range(w.dim()) if d != axis]
+    amax = w.detach().abs().amax(dim=dims) if dims else w.detach().abs()
+    return (amax.float() / weight_qmax(bits)).clamp_min(SCALE_MIN)
+
+
+def fake_quant_weight(w, bits, axis=0):
+    """w rounded to `bits`-bit symmetric integers per channel along `axis`, times the channel's scale;
+    the gradient passes straight through."""
+    qmax = weight_qmax(bits)
+    scale = weight_scale(w, bits, axis)
+    zero = torch.zeros(scale.shape, dtype=torch.int32, device=scale.device)
+    return torch.fake_quantize_per_channel_affine(w, scale, zero, axis, -qmax, qmax)
+
+
+def make_input_quant(bits):
+    """Per-tensor asymmetric fake quantiser with a moving-average min/max observer (torch.ao)."""
+    return FusedMovingAvgObsFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0,
+                                         quant_max=2 ** bits - 1, dtype=torch.quint8,
+                                         qscheme=torch.per_tensor_affine, averaging_constant=ACT_AVERAGING)
+
+
+def _drop_quant_keys(module, state_dict, prefix, local_metadata):
+    for k in [k for k in state_dict if k.startswith(prefix + QUANT_CHILD + ".")]:
+        del state_dict[k]
+
+
+def _forgive_quant_keys(module, incompatible_keys):
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys
+                                         if QUANT_CHILD not in k.split(".")]
+
+
+class Quantised:
+    """What the quantised layers share: their bit widths, the input quantiser, the weight rounding."""
+
+    weight_bits = 32
+    act_bits = 32
+
+    def _setup_quant(self, weight_bits, act_bits):
+        self.weight_bits = check_bits(weight_bits, "weight bits")
+        self.act_bits = check_bits(act_bits, "activation bits")
+        if act_bits in L.INT_BITS:
+            fq = make_input_quant(act_bits).to(L.weight_of(self).device)
+            setattr(self, QUANT_CHILD, fq)
+        else:
+            setattr(self, QUANT_CHILD, None)
+        self.register_state_dict_post_hook(_drop_quant_keys)
+        self.register_load_state_dict_post_hook(_forgive_quant_keys)
+
+    @property
+    def quantises_weights(self):
+        return self.weight_bits in L.INT_BITS
+
+    def quant_input(self, x):
+        fq = getattr(self, QUANT_CHILD)
+        if fq is None:
+            return x
+        if x.dtype == torch.float32:
+            return fq(x)
+        # The fused kernel takes float32; under autocast the layer casts the result again.
+        return fq(x.float()).to(x.dtype)
+
+    def quant_weight(self, w):
+        if not self.quantises_weights:
+            return w
+        return fake_quant_weight(w, self.weight_bits, L.output_axis(self))
+
+    def train(self, mode=True):
+        super().train(mode)
+        fq = getattr(self, QUANT_CHILD)
+        if fq is not None:
+            # The range is learnt in training and frozen for evaluation.
+            fq.enable_observer(mode)
+        return self
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, weight_bits={self.weight_bits}, act_bits={self.act_bits}"
+
+
+class QuantConv2d(Quantised, nn.Conv2d):
+    @classmethod
+    def from_float(cls, conv, weight_bits, act_bits):
+        q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
+                conv.dilation, conv.groups, conv.bias is not None, conv.padding_mode, device="meta")
+        q.weight, q.bias = conv.weight, conv.bias
+        q._setup_quant(weight_bits, act_bits)
+        return q.train(conv.training)
+
+    def forward(self, x):
+        return self._conv_forward(self.quant_input(x), self.quant_weight(self.weight), self.bias)
+
+
+class QuantLinear(Quantised, nn.Linear):
+    @classmethod
+    def from_float(cls, linear, weight_bits, act_bits):
+        q = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
+        q.weight, q.bias = linear.weight, linear.bias
+        q._setup_quant(weight_bits, act_bits)
+        return q.train(linear.training)
+
+    def forward(self, x):
+        return nn.functional.linear(self.quant_input(x), self.quant_weight(self.weight), self.bias)
+
+
+class QuantCosine(Quantised, CosineLinear):
+    """The cosine head with its column-normalised kernel quantised per class (the normalisation
+    depends on the weights only: a deployed model stores the normalised, quantised columns)."""
+
+    @classmethod
+    def from_float(cls, cos, weight_bits, act_bits):
+        n_in, n_out = cos.kernel.shape
+        q = cls(n_in, n_out)
+        q.kernel = cos.kernel
+        q._setup_quant(weight_bits, act_bits)
+        return q.train(cos.training)
+
+    def forward(self, x):
+        w = self.quant_weight(nn.functional.normalize(self.kernel, dim=0, eps=NORM_EPS))
+        return (self.quant_input(x) @ w.to(x.dtype)).clamp(-1.0, 1.0)
+
+
+QUANT_CLASSES = {"conv": QuantConv2d, "linear": QuantLinear, "cosine": QuantCosine}
+
+
+def layer_bits(model, weight_bits, act_bits, first_last_bits=None):
+    """{bare name: (weight bits, activation bits)} for every compressible layer: the given widths,
+    and `first_last_bits` (an int for both, or a (weight, activation) pair) on the first layer and
+    the head (layers.first_and_head)."""
+    weight_bits = check_bits(weight_bits, "weight bits")
+    act_bits = check_bits(act_bits, "activation bits")
+    bits = {name: (weight_bits, act_bits) for name in L.compressible(model)}
+    if first_last_bits is not None:
+        pair = first_last_bits if isinstance(first_last_bits, (tuple, list)) else (first_last_bits,) * 2
+        if len(pair) != 2:
+            raise errors.ConfigError(f"first/last layer bits must be one width or a (weight, activation) "
+                                     f"pair, got {first_last_bits!r}")
+        pair = (check_bits(pair[0], "first/last layer weight bits"),
+                check_bits(pair[1], "first/last layer activation bits"))
+        first, head = L.first_and_head(model)
+        for name in first | head:
+            bits[name] = pair
+    return bits
+
+
+def quantize_layers(model, bits):
+    """Replace each layer named in `bits` ({bare name: (weight bits, activation bits)}) by its
+    quantised version; returns the model (changed in place)."""
+    for real, module in list(model.named_modules()):
+        name = L.bare_name(real)
+        if name not in bits:
+            continue
+        kind = L.kind_of(module)
+        if kind is None:
+            raise errors.ConfigError(f"layer {name} is a {type(module).__name__}, not a conv, linear or "
+                                     "cosine layer: it cannot be quantised")
+        L.set_module(model, real, QUANT_CLASSES[kind].from_float(module, *bits[name]))
+    return model
+
+
+def quantize(model, weight_bits, act_bits, first_last_bits=None):
+    """Fake-quantise every conv, linear and cosine layer of `model` in place (see the module's doc):
+    weights to `weight_bits` per output channel, inputs to `act_bits` per tensor; `first_last_bits`
+    (an int, or a (weight, activation) pair) for the first layer and the head. Widths: 2..8
+    (simulated), 16 or 32 (left in floating point, counted at that width). Returns the model."""
+    return quantize_layers(model, layer_bits(model, weight_bits, act_bits, first_last_bits))
+
+
+def quantised_layers(model):
+    """{bare name: module} of the quantised layers."""
+    return {n: m for n, m in L.compressible(model).items() if isinstance(m, Quantised)}
+
+
+def input_state(module):
+    """The input quantiser's state {min, max, scale, zero_point} (plain values), or None."""
+    fq = getattr(module, QUANT_CHILD, None)
+    if fq is None:
+        return None
+    obs = fq.activation_post_process
+    return {"act_min": obs.min_val.detach().cpu().clone(), "act_max": obs.max_val.detach().cpu().clone(),
+            "act_scale": fq.scale.detach().cpu().clone(), "act_zero_point": fq.zero_point.detach().cpu().clone()}
+
+
+@torch.no_grad()
+def load_input_state(module, state):
+    fq = getattr(module, QUANT_CHILD)
+    obs = fq.activation_post_process
+    obs.min_val.copy_(state["act_min"].reshape(obs.min_val.shape))
+    obs.max_val.copy_(state["act_max"].reshape(obs.max_val.shape))
+    fq.scale.copy_(state["act_scale"].reshape(fq.scale.shape))
+    fq.zero_point.copy_(state["act_zero_point"].reshape(fq.zero_point.shape))
+
+
+@torch.no_grad()
+def calibrate(model, batches):
+    """Observe input ranges on `batches` (an iterable of input tensors) in eval mode, as
+    post-training quantisation does; for a quantised model that was not trained with its quantisers.
+    The model's mode is put back."""
+    was_training = model.training
+    model.eval()
+    fqs = [getattr(m, QUANT_CHILD) for m in quantised_layers(model).values()
+           if getattr(m, QUANT_CHILD) is not None]
+    try:
+        for fq in fqs:
+            fq.enable_observer(True)
+        for x in batches:
+            model(x)
+    finally:
+        for fq in fqs:
+            fq.enable_observer(False)
+        model.train(was_training)
+    return model

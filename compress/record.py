@@ -1,0 +1,140 @@
+"""The compression record: what was done to a model, per layer, as plain values a checkpoint can hold
+(torch.load with weights_only=True reads it) and the op counter can score.
+
+    {"format": RECORD_FORMAT,
+     "layers": {name: {"kind": "conv" | "linear" | "cosine",
+                       "weight_bits": int | None,      # None: not quantised (floating point)
+                       "act_bits": int | None,         # bits of the layer's input
+                       "mask": bool tensor | None,     # True = kept; None: stored dense
+                       # only with 2..8-bit inputs, the frozen input range of the fake quantiser:
+                       "act_min": tensor, "act_max": tensor, "act_scale": tensor, "act_zero_point": tensor},
+                ...},
+     "prune": {"target", "initial", "start_epoch", "end_epoch", "scope", "sparsity", ...} | None}
+
+Every conv, linear and cosine layer has an entry, compressed or not. Names are the model's module
+names without DDP/compile prefixes.
+"""
+import math
+
+import torch
+
+import errors
+
+from . import layers as L
+from . import quant as Q
+from .prune import check_mask
+
+RECORD_FORMAT = "micronet-cifar100/compression/1"
+_ACT_KEYS = ("act_min", "act_max", "act_scale", "act_zero_point")
+
+
+def record(model, pruner=None):
+    """The record of `model` as it stands: each layer's bit widths (from its quantised version, or
+    None), its mask (from `pruner`, None for a layer left dense or not pruned at all) and its input
+    quantiser's range."""
+    masks = pruner.masks if pruner is not None else {}
+    layers = {}
+    for name, m in L.compressible(model).items():
+        quantised = isinstance(m, Q.Quantised)
+        mask = masks.get(name)
+        entry = {"kind": L.kind_of(m),
+                 "weight_bits": m.weight_bits if quantised else None,
+                 "act_bits": m.act_bits if quantised else None,
+                 "mask": mask.detach().cpu().clone() if mask is not None and not bool(mask.all()) else None}
+        if quantised:
+            entry.update(Q.input_state(m) or {})
+        layers[name] = entry
+    return {"format": RECORD_FORMAT, "layers": layers,
+            "prune": pruner.describe() if pruner is not None else None}
+
+
+def _bits_ok(v):
+    return v is None or (isinstance(v, int) and not isinstance(v, bool) and v in L.BITS)
+
+
+def _fail(source, msg):
+    raise errors.CheckpointError(f"{source}: {msg}")
+
+
+def validate_record(record, model, source="the compression record"):
+    """Check `record` against `model`; CheckpointError with one line naming the layer and the problem
+    (not a record, unknown layer, bits out of range, a mask of the wrong shape or type, a missing or
+    non-finite input range)."""
+    if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
+        _fail(source, "not a compression record (a dict with per-layer entries)")
+    if record.get("format", RECORD_FORMAT) != RECORD_FORMAT:
+        _fail(source, f"format {record.get('format')!r} is not {RECORD_FORMAT}")
+    layers = L.compressible(model)
+    for name, entry in record["layers"].items():
+        if name not in layers:
+            _fail(source, f"layer {name} is not a conv, linear or cosine layer of this model")
+        if not isinstance(entry, dict):
+            _fail(source, f"layer {name}: its entry is not a dict")
+        for key in ("weight_bits", "act_bits"):
+            if not _bits_ok(entry.get(key)):
+                what = key.replace("act", "activation").replace("_", " ")
+                _fail(source, f"layer {name}: {what} {entry.get(key)!r} out of range ({L.BITS_TEXT}, or none)")
+        wb, ab = entry.get("weight_bits"), entry.get("act_bits")
+        if (wb is None) != (ab is None):
+            _fail(source, f"layer {name}: weight bits {wb} with activation bits {ab}: give both or neither")
+        mask = entry.get("mask")
+        if mask is not None:
+            check_mask(mask, L.weight_of(layers[name]), name, source)
+        if ab in L.INT_BITS:
+            _check_act_state(entry, name, ab, source)
+    return record
+
+
+def _check_act_state(entry, name, bits, source):
+    for key in _ACT_KEYS:
+        v = entry.get(key)
+        if not isinstance(v, torch.Tensor) or v.numel() != 1:
+            _fail(source, f"layer {name}: {bits}-bit inputs but no {key.replace('_', ' ')} (one value)")
+    lo, hi, scale = (float(entry[k]) for k in _ACT_KEYS[:3])
+    if not all(math.isfinite(v) for v in (lo, hi, scale)) or scale <= 0 or lo > hi:
+        _fail(source, f"layer {name}: input range [{lo:g}, {hi:g}] with scale {scale:g} is not a trained range")
+    zp = int(entry["act_zero_point"])
+    if not 0 <= zp <= 2 ** bits - 1:
+        _fail(source, f"layer {name}: input zero point {zp} outside 0..{2 ** bits - 1}")
+
+
+def apply_record(model, record, source="the compression record"):
+    """Give `model` (weights already loaded) the record's numerics: quantised layers with their frozen
+    input ranges, and the masks' pruned weights set to zero. Validates first. Returns the model
+    (changed in place); evaluate it in eval mode."""
+    validate_record(record, model, source)
+    entries = record["layers"]
+    bits = {n: (e["weight_bits"], e["act_bits"]) for n, e in entries.items() if e.get("weight_bits") is not None}
+    Q.quantize_layers(model, bits)
+    layers = L.compressible(model)
+    with torch.no_grad():
+        for name, e in entries.items():
+            m = layers[name]
+            if e.get("act_bits") in L.INT_BITS:
+                Q.load_input_state(m, e)
+            if e.get("mask") is not None:
+                w = L.weight_of(m)
+                w.mul_(e["mask"].to(device=w.device, dtype=w.dtype))
+    return model
+
+
+def masks_of(record):
+    """{name: mask} of the record's masked layers (for Pruner.load_state_dict and the counter)."""
+    return {n: e["mask"] for n, e in record["layers"].items() if e.get("mask") is not None}
+
+
+def summary(record):
+    """One line: what the record says was done (for logs and the count's header)."""
+    entries = list(record["layers"].values())
+    widths = sorted({(e.get("weight_bits"), e.get("act_bits")) for e in entries if e.get("weight_bits")},
+                    key=lambda wa: -sum(1 for e in entries if (e.get("weight_bits"), e.get("act_bits")) == wa))
+    quant = ", ".join(f"W{w}/A{a} x{sum(1 for e in entries if (e.get('weight_bits'), e.get('act_bits')) == (w, a))}"
+                      for w, a in widths) or "not quantised"
+    masked = [e["mask"] for e in entries if e.get("mask") is not None]
+    if masked:
+        pruned = sum(int((~m).sum()) for m in masked)
+        total = sum(m.numel() for m in masked)
+        prune = f"{len(masked)} masked layers, {100 * pruned / total:.1f}% of their weights pruned"
+    else:
+        prune = "not pruned"
+    return f"{quant}; {prune}"
