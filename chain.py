@@ -17,12 +17,14 @@ import time
 
 import torch
 
+import data
 import errors
 import models
 import train as train_stage
 from cli.errors import run_main
 from engine import checkpoint, distributed, runs
 from engine.evaluate import evaluate_checkpoint
+from engine.progress import format_duration
 from engine.regime import format_regime
 from torchscope import count as count_model
 
@@ -55,7 +57,7 @@ def chain(cfg, ctx):
             # let the chain record it; otherwise a new run starts.
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}"
                 + (f" refined by {teacher[0]} ({teacher[1]})" if teacher else " on hard labels"))
-            result = train_stage.train(stage, ctx, on_epoch=lambda row, i=i: eta.after_epoch(i, row))
+            result = train_stage.train(stage, ctx, on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left))
             record = stage_record(stage, teacher, result)
             if ctx.is_main:
                 runs.write_json(state_path, {"stages_spec": cfg.stage_list, "stages": done + [record]})
@@ -121,9 +123,9 @@ def check_record(record, stage, i, path):
 
 
 class ChainEta:
-    """The whole chain's time left, from the first epoch this command trains: seconds per unit of
-    (samples x the model's cost), the cost being one student step (~3 forwards) plus the
-    teacher's forward, counted in mult-adds."""
+    """The whole chain's time left, from the speed the first stage this command trains measures
+    (train.py's early ETA, after ~30 s of steps): the other stages' speeds are scaled by their cost
+    per sample, one student step (~3 forwards) plus the teacher's forward, counted in mult-adds."""
 
     def __init__(self, cfg, say):
         self.cfg, self.say, self.shown = cfg, say, False
@@ -141,16 +143,22 @@ class ChainEta:
     def epochs(self, name):
         return self.cfg.epochs or models.card(name).epochs
 
-    def after_epoch(self, i, row):
+    def samples_per_epoch(self):
+        return data.copies(self.cfg.aug) * (self.cfg.train_limit or 50_000)
+
+    def on_speed(self, i, images_per_s, stage_left_s):
+        """Stage i measured `images_per_s` and has `stage_left_s` to go."""
         if self.shown:
             return
         self.shown = True
-        per_epoch = row["images_per_s"] * row["seconds"]
-        unit = row["seconds"] / (per_epoch * self.costs[i])
-        left = sum(per_epoch * self.epochs(n) * self.costs[j]
-                   for j, n in enumerate(self.cfg.stage_list) if j >= i) * unit - row["seconds"]
-        self.say(f"[chain] ETA for the whole chain: {left / 60:.1f} min at the first epoch's "
-                 f"speed ({row['images_per_s']:.0f} img/s)")
+        later = sum(self.epochs(name) * self.samples_per_epoch() * self.costs[j] / (images_per_s * self.costs[i])
+                    for j, name in enumerate(self.cfg.stage_list) if j > i)
+        left = stage_left_s + later
+        self.say(f"[chain] ETA for the whole chain: {format_duration(left)} ({left / 60:.1f} min) at the measured "
+                 f"speed of stage {i + 1} ({images_per_s:.0f} img/s), scaled by each model's cost")
+        if not torch.cuda.is_available() and left > 86400:
+            self.say("[chain] ETA: on this CPU the chain would take days; for a quick run give "
+                     "--width-mult 0.25 --depth-mult 0.34 --train-limit 10000 --epochs 2, or use a GPU")
 
 
 def final_evaluation(stage, ctx, last):

@@ -17,6 +17,7 @@ import shutil
 import sys
 import time
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -29,10 +30,10 @@ import refinery
 from cli.args import (add_data_args, add_model_args, given_flags, model_name, multiplier, nonneg_float,
                       positive_int, probability, seed_int, str2bool, typed)
 from cli.errors import run_main
-from engine import checkpoint, distributed, runs, speed
+from engine import checkpoint, distributed, precise_bn, runs, speed
 from engine.evaluate import evaluate
 from engine.meter import Meter
-from engine.progress import Progress
+from engine.progress import Progress, format_duration
 from engine.regime import format_regime, lr_at, parse_regime, regime_end
 from engine.saver import CheckpointSaver, set_rng_state
 from engine.signals import StopRequest
@@ -52,14 +53,20 @@ class Run:
     saver: CheckpointSaver
     state: RunState
     stop: StopRequest
+    # The early ETA: shown once per process, after ~30 s of steps; on_speed passes it on (chain.py).
+    epochs: int = 0
+    test_images: int = 0
+    eta_due: bool = True
+    on_speed: Optional[Callable] = None
 
 
 # ----------------------------------------------------------------------------- the stage
 
-def train(args, ctx, on_epoch=None):
+def train(args, ctx, on_epoch=None, on_speed=None):
     """One stage, top to bottom; returns {"folder", "best", "history", "stopped", "exit_code"}.
 
-    on_epoch(row) is called after each epoch on every rank (chain.py's ETA)."""
+    on_epoch(row) is called after each epoch on every rank; on_speed(images_per_s, run_left_s)
+    once, with the early ETA (chain.py's whole-chain ETA)."""
     log = runs.RunLog(enabled=ctx.is_main)
     speed.resolve(args, ctx.device)
     # From the first moment a signal stops cleanly; the run folder's lock goes with any exit.
@@ -92,7 +99,8 @@ def train(args, ctx, on_epoch=None):
         autocast = parts.autocast
         if teacher is not None:
             report_teacher(args, teacher_forward, test_loader, autocast, log)
-        run = Run(args, ctx, log, saver, state, stop)
+        run = Run(args, ctx, log, saver, state, stop, epochs, test_loader.stop - test_loader.start,
+                  on_speed=on_speed)
         if agreed_stop(run):
             return stopped(run)
 
@@ -101,12 +109,14 @@ def train(args, ctx, on_epoch=None):
             stats = train_one_epoch(parts, train_loader, epoch, epochs, run)
             if stats is None:  # stopped by a signal; last.pytar holds the position
                 return stopped(run)
-            test = evaluate(eval_net, test_loader, criterion, autocast, teacher=teacher_forward)
+            precise = precise_stats(run, net, train_loader, autocast)
+            with precise_bn.overlay(net, precise):
+                test = evaluate(eval_net, test_loader, criterion, autocast, teacher=teacher_forward)
             row = epoch_row(epoch, lr, stats, test)
             is_best = state.record(row, test)
-            log(epoch_line(row, test, epochs, is_best))
+            log(epoch_line(row, test, epochs, is_best) + (" | precise BN" if precise else ""))
             state.next_epoch, state.next_step, state.finished = epoch + 1, 0, epoch >= epochs
-            saver.save_epoch(state, epoch, is_best, test)
+            saver.save_epoch(state, epoch, is_best, test, precise)
             distributed.barrier()
             if on_epoch:
                 on_epoch(row)
@@ -126,7 +136,9 @@ def train_one_epoch(parts, loader, epoch, epochs, run):
     parts.model.train()
     check_every = nan_check_every(args, ctx.device)
     progress = Progress(run.log, len(loader), first_step, f"epoch {epoch}/{epochs}", args.log_interval,
-                        enabled=ctx.is_main and not args.no_progress)
+                        enabled=ctx.is_main and not args.no_progress,
+                        on_rate=eta_announcer(run, len(loader), epoch) if run.eta_due else None,
+                        warmup=2 if args.compile else 0)
     failed = torch.zeros((), dtype=torch.int64, device=ctx.device)
     sync(ctx.device)
     t0 = time.perf_counter()
@@ -144,11 +156,35 @@ def train_one_epoch(parts, loader, epoch, epochs, run):
             return None
     sync(ctx.device)
     progress.close()
+    if run.eta_due:  # an epoch shorter than the ETA's wait: its own speed gives the ETA
+        eta_announcer(run, len(loader), epoch)((len(loader) - first_step) / max(time.perf_counter() - t0, 1e-9),
+                                              len(loader))
     seconds = seconds_before + time.perf_counter() - t0
     report_skipped(run, failed, epoch, len(loader) - first_step)
     s = meter.summary(reduce=True)
     return {"loss": s["loss"], "top1": s["top1"], "agreement": s["agreement"],
             "images_per_s": s["total"] / max(seconds, 1e-9), "seconds": seconds}
+
+
+def eta_announcer(run, steps, epoch):
+    """The early ETA, from the measured steps per second: this epoch, the run (its evaluations
+    estimated as a forward pass, a third of a training step, per test image), and on a CPU a plain
+    word when the run would take more than a day."""
+    def announce(steps_per_s, step):
+        run.eta_due = False
+        images_per_s = steps_per_s * run.args.batch_size * run.ctx.world_size
+        epoch_left = (steps - step) / steps_per_s
+        eval_s = 3 * run.test_images / max(images_per_s / run.ctx.world_size, 1e-9)
+        run_left = epoch_left + eval_s + (run.epochs - epoch) * (steps / steps_per_s + eval_s)
+        run.log(f"ETA: {format_duration(epoch_left)} for the rest of epoch {epoch}, {format_duration(run_left)} "
+                f"for the run ({run.epochs - epoch + 1} epoch(s) left, {images_per_s:.0f} img/s)")
+        if run.ctx.device.type == "cpu" and run_left > 86400:
+            run.log(f"ETA: on this CPU the run would take about {run_left / 86400:.0f} days. For a quick run, "
+                    "narrow the model and the data (--width-mult 0.25 --depth-mult 0.34 --train-limit 10000 "
+                    "--epochs 2), or train on a GPU")
+        if run.on_speed:
+            run.on_speed(images_per_s, run_left)
+    return announce
 
 
 def start_epoch(run, epoch, loader):
@@ -163,6 +199,17 @@ def start_epoch(run, epoch, loader):
         return Meter(ctx.device), 0, 0.0
     set_rng_state(partial["rng"][ctx.rank], ctx.device)
     return Meter(ctx.device, partial["sums"]), state.next_step, partial["seconds"]
+
+
+def precise_stats(run, net, loader, autocast):
+    """BatchNorm statistics recomputed for this epoch's evaluation, or {} (engine.precise_bn):
+    with --precise-bn auto only while the running statistics still hold over 1% of their
+    initialisation, which the original recipe's 70 epochs never do after their first."""
+    n = precise_bn.batches_for(run.args.precise_bn, net, run.args.batch_size, len(loader))
+    if not n:
+        return {}
+    batches = (xy for _, xy in zip(range(n), loader.iterate(0)))
+    return precise_bn.recompute(net, batches, autocast)
 
 
 def nan_check_every(args, device):
@@ -478,6 +525,12 @@ def check_ranks_in_sync(net, ctx):
 
 # ----------------------------------------------------------------------------- command line
 
+def precise_bn_setting(v):
+    if v in ("auto", "off"):
+        return v
+    return str(positive_int(v))
+
+
 def build_parser(stage_flags=True):
     """train.py's flags. chain.py reuses them with stage_flags=False: each stage's model and teacher
     come from --stages there."""
@@ -511,6 +564,9 @@ def build_parser(stage_flags=True):
     g.add_argument("--dropout", type=probability, default=None, help="override (linear head only)")
     g.add_argument("--bn-momentum", type=probability, default=None,
                    help="override BatchNorm's momentum (0.01, the original entry's)")
+    g.add_argument("--precise-bn", type=precise_bn_setting, default="auto", metavar="auto|off|N",
+                   help="recompute BatchNorm statistics from N training batches before evaluating; auto: "
+                        "only while the running statistics are far from converged (short runs)")
     g.add_argument("--seed", type=seed_int, default=0, help="the random seed (0..2^63-1)")
     g.add_argument("--aug", default="uci",
                    help=f"augmentation recipe: one of {', '.join(data.AUG_RECIPES)} ('seed' is an old name of uci)")
@@ -588,18 +644,18 @@ def parse_args(argv=None):
     return args
 
 
-def run(argv=None, on_epoch=None):
+def run(argv=None, on_epoch=None, on_speed=None):
     """Parse train.py's flags and train; returns train()'s result."""
-    return run_stage(parse_args(argv), on_epoch)
+    return run_stage(parse_args(argv), on_epoch, on_speed)
 
 
-def run_stage(args, on_epoch=None):
+def run_stage(args, on_epoch=None, on_speed=None):
     """Train a parsed configuration, inside a process group when torchrun started several ranks
     (chain.py calls this once per stage, in one process and one process group)."""
     owns_group = not torch.distributed.is_initialized()
     ctx = distributed.setup(args.device)
     try:
-        return train(args, ctx, on_epoch)
+        return train(args, ctx, on_epoch, on_speed)
     finally:
         if owns_group:
             distributed.teardown()

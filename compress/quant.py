@@ -77,6 +77,33 @@ def make_input_quant(bits):
                                          qscheme=torch.per_tensor_affine, averaging_constant=ACT_AVERAGING)
 
 
+class _RoundInput(torch.autograd.Function):
+    """x on the grid {0..qmax} - zero_point times scale, with the straight-through gradient of
+    torch's fake quantisation (passed where the grid value was in range, zero elsewhere). The same
+    arithmetic as torch's fake_quantize_per_tensor_affine kernel, bit for bit, in vectorised ops:
+    on the CPU that kernel is several times slower than these."""
+
+    @staticmethod
+    def forward(ctx, x, scale, zero_point, qmax):
+        zp = zero_point.to(x.dtype)
+        r = torch.round(x * scale.reciprocal()).add_(zp)
+        q = r.clamp(0, qmax)
+        ctx.save_for_backward(q == r)   # in range (NaN: not)
+        return q.sub_(zp).mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        return grad * inside, None, None, None
+
+
+def round_input(x, scale, zero_point, qmax):
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RoundInput.apply(x, scale, zero_point, qmax)
+    zp = zero_point.to(x.dtype)
+    return torch.round(x * scale.reciprocal()).add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
+
+
 def _drop_quant_keys(module, state_dict, prefix, local_metadata):
     for k in [k for k in state_dict if k.startswith(prefix + QUANT_CHILD + ".")]:
         del state_dict[k]
@@ -99,6 +126,11 @@ class Quantised:
         if act_bits in L.INT_BITS:
             fq = make_input_quant(act_bits).to(L.weight_of(self).device)
             setattr(self, QUANT_CHILD, fq)
+            # Flags off and on, and a 1-element probe, for the CPU path of quant_input.
+            dev = fq.scale.device
+            self.register_buffer("_fq_off", torch.zeros(1, dtype=torch.long, device=dev), persistent=False)
+            self.register_buffer("_fq_on", torch.ones(1, dtype=torch.long, device=dev), persistent=False)
+            self.register_buffer("_fq_probe", torch.zeros(1, device=dev), persistent=False)
         else:
             setattr(self, QUANT_CHILD, None)
         self.register_state_dict_post_hook(_drop_quant_keys)
@@ -112,15 +144,42 @@ class Quantised:
         fq = getattr(self, QUANT_CHILD)
         if fq is None:
             return x
-        if x.dtype == torch.float32:
-            return fq(x)
-        # The fused kernel takes float32; under autocast the layer casts the result again.
-        return fq(x.float()).to(x.dtype)
+        # The quantiser works in float32; under autocast the layer casts the result again.
+        xf = x if x.dtype == torch.float32 else x.float()
+        if x.is_cuda:
+            # One fused kernel observes (while the observer is on) and rounds.
+            y = fq(xf)
+        else:
+            if bool(fq.observer_enabled[0]):
+                # torch.ao's fused op twice, each time on the cheap side: observing x with its rounding
+                # off (moving min/max), then rounding a 1-element probe with its observer off, which
+                # makes it choose the scale and zero point from that range (as the one fused call
+                # on CUDA does).
+                with torch.no_grad():
+                    obs, off, on = fq.activation_post_process, self._fq_off, self._fq_on
+                    for inp, observe, rnd in ((xf, on, off), (self._fq_probe, off, on)):
+                        torch.fused_moving_avg_obs_fake_quant(
+                            inp, observe, rnd, obs.min_val, obs.max_val, fq.scale, fq.zero_point,
+                            obs.averaging_constant, obs.quant_min, obs.quant_max, fq.ch_axis,
+                            fq.is_per_channel, fq.is_symmetric_quant)
+            y = round_input(xf, fq.scale, fq.zero_point, fq.activation_post_process.quant_max)
+        return y if y.dtype == x.dtype else y.to(x.dtype)
 
-    def quant_weight(self, w):
+    def quant_weight(self, w, source=None):
+        """`w` rounded to the layer's grid. In eval mode without autograd the result is kept until
+        `source` (the parameter `w` derives from; `w` itself by default) changes: evaluation rounds
+        each weight once, not once per batch."""
         if not self.quantises_weights:
             return w
-        return fake_quant_weight(w, self.weight_bits, L.output_axis(self))
+        source = w if source is None else source
+        if self.training or torch.is_grad_enabled():
+            self._qcache = None
+            return fake_quant_weight(w, self.weight_bits, L.output_axis(self))
+        key = (source.data_ptr(), source._version, source.device, w.dtype)
+        cache = getattr(self, "_qcache", None)
+        if cache is None or cache[0] != key:
+            cache = self._qcache = (key, fake_quant_weight(w, self.weight_bits, L.output_axis(self)))
+        return cache[1]
 
     def train(self, mode=True):
         super().train(mode)
@@ -166,13 +225,14 @@ class QuantCosine(Quantised, CosineLinear):
     @classmethod
     def from_float(cls, cos, weight_bits, act_bits):
         n_in, n_out = cos.kernel.shape
-        q = cls(n_in, n_out)
+        with torch.device("meta"):  # no random init: the caller's random stream stays as it was
+            q = cls(n_in, n_out)
         q.kernel = cos.kernel
         q._setup_quant(weight_bits, act_bits)
         return q.train(cos.training)
 
     def forward(self, x):
-        w = self.quant_weight(nn.functional.normalize(self.kernel, dim=0, eps=NORM_EPS))
+        w = self.quant_weight(nn.functional.normalize(self.kernel, dim=0, eps=NORM_EPS), source=self.kernel)
         return (self.quant_input(x) @ w.to(x.dtype)).clamp(-1.0, 1.0)
 
 

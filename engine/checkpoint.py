@@ -175,7 +175,9 @@ def strip_prefixes(state):
 def state_dict_of(obj, path):
     """The model state_dict inside a loaded file, and our metadata (empty for a bare state_dict)."""
     if isinstance(obj, dict) and obj.get("format") == FORMAT and is_state_dict(obj.get("model")):
-        return strip_prefixes(obj["model"]), obj
+        # last.pytar keeps the training statistics for resuming, and beside them the BatchNorm
+        # statistics its last evaluation used (engine.precise_bn): weights are evaluated with those.
+        return {**strip_prefixes(obj["model"]), **(obj.get("eval_bn") or {})}, obj
     if is_state_dict(obj):
         return strip_prefixes(obj), {}
     raise errors.CheckpointError(f"{path} holds no model weights (neither a state_dict nor a {FORMAT} "
@@ -219,7 +221,8 @@ def bare_state(model):
             for k, v in strip_prefixes(model.state_dict()).items()}
 
 
-def weights_file(model, **extra):
-    """The wrapped format for model_best.pytar: weights plus what they are and how good they were."""
-    return with_checksum({"format": FORMAT, "model": bare_state(model), "arch": models.describe(model),
-                          **extra})
+def weights_file(model, state=None, **extra):
+    """The wrapped format for model_best.pytar: weights (the model's own, or `state`) plus what they
+    are and how good they were."""
+    return with_checksum({"format": FORMAT, "model": bare_state(model) if state is None else state,
+                          "arch": models.describe(model), **extra})

@@ -29,7 +29,7 @@ IDENTITY_ARGS = ("model", "width_mult", "depth_mult", "coslinear", "s", "m", "la
 
 # Not part of a run's identity, but a resume that does not give them keeps the run's values.
 INHERITED_ARGS = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "keep_epoch_states",
-                  "no_download")
+                  "no_download", "precise_bn")
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                  "images_per_s", "seconds")

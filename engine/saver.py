@@ -39,7 +39,7 @@ class CheckpointSaver:
     def path(self, name):
         return os.path.join(self.folder, name)
 
-    def training_state(self, state):
+    def training_state(self, state, eval_bn=None):
         """The content of last.pytar."""
         return checkpoint.with_checksum({
             "format": checkpoint.FORMAT,
@@ -54,6 +54,9 @@ class CheckpointSaver:
             # every rank's streams in train.partial.rng.
             "rng": {**rng_state(self.ctx.device), "python": random.getstate()},
             "finished": state.finished,
+            # BatchNorm statistics of the last evaluation when they were recomputed (precise BN):
+            # what test.py evaluates; "model" keeps the training statistics that a resume needs.
+            "eval_bn": eval_bn or None,
         })
 
     def save_recovery(self, state, meter, seconds):
@@ -66,20 +69,24 @@ class CheckpointSaver:
         self._commit(state)
         state.partial = None
 
-    def save_epoch(self, state, epoch, is_best, test):
-        """End of an epoch (state already advanced to the next one)."""
+    def save_epoch(self, state, epoch, is_best, test, eval_bn=None):
+        """End of an epoch (state already advanced to the next one). The weights files hold the
+        BatchNorm statistics the epoch was evaluated with (`eval_bn`, when recomputed), so that
+        test.py reproduces the logged figures."""
         if not self.ctx.is_main:
             return
+        weights = {**checkpoint.bare_state(self.net), **(eval_bn or {})}
         if self.args.keep_epoch_states:
-            checkpoint.save_atomic(checkpoint.bare_state(self.net), self.path(f"model_state_{epoch:02}.pytar"))
+            checkpoint.save_atomic(weights, self.path(f"model_state_{epoch:02}.pytar"))
         if is_best:
-            checkpoint.save_atomic(checkpoint.weights_file(self.net, epoch=epoch, test=test, args=self.args.model),
+            checkpoint.save_atomic(checkpoint.weights_file(self.net, state=weights, epoch=epoch, test=test,
+                                                           args=self.args.model),
                                    self.path("model_best.pytar"))
-        self._commit(state)
+        self._commit(state, eval_bn)
         self.refresh(state)
 
-    def _commit(self, state):
-        checkpoint.save_atomic(self.training_state(state), self.path("last.pytar"))
+    def _commit(self, state, eval_bn=None):
+        checkpoint.save_atomic(self.training_state(state, eval_bn), self.path("last.pytar"))
         runs.write_json(self.path("status.json"), status_of(state))
 
     def refresh(self, state):

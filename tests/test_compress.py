@@ -2,6 +2,7 @@
 decay, global against layer scope, state round trips and a bit-exact continuation), quantisation-aware
 layers against an integer simulation (BatchNorm folded), and the compression record's checks."""
 import io
+import json
 import os
 import subprocess
 import sys
@@ -328,6 +329,40 @@ def test_fake_quantised_linear_equals_integer_simulation():
     assert bool(((y - sim).abs() <= sa * sw.double()).all())
 
 
+def test_input_quantiser_is_torch_ao_bit_for_bit():
+    """The CPU path (torch.ao's fused observer, then the rounding in vectorised ops) gives exactly
+    what torch.ao's FusedMovingAvgObsFakeQuantize gives: outputs, range, scale, zero point, gradients."""
+    import copy
+    torch.manual_seed(0)
+    for bits in (2, 4, 8):
+        q = Q.QuantConv2d.from_float(nn.Conv2d(4, 4, 3, padding=1), 8, bits)
+        ref = copy.deepcopy(q.input_quant)
+        for i in range(4):
+            if i == 3:
+                q.eval()
+                ref.disable_observer()
+            x = (torch.randn(2, 4, 8, 8) * (i + 1) + i).requires_grad_()
+            x_ref = x.detach().clone().requires_grad_()
+            y, y_ref = q.quant_input(x), ref(x_ref)
+            assert torch.equal(y, y_ref)
+            g = torch.randn_like(y)
+            y.backward(g)
+            y_ref.backward(g)
+            assert torch.equal(x.grad, x_ref.grad)
+            mine, theirs = Q.input_state(q), {"act_min": ref.activation_post_process.min_val,
+                                              "act_max": ref.activation_post_process.max_val,
+                                              "act_scale": ref.scale, "act_zero_point": ref.zero_point}
+            assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_quantize_and_prune_leave_the_random_stream_alone():
+    model = narrow()
+    state = torch.get_rng_state()
+    compress.quantize(model, 8, 8)
+    compress.Pruner(model, compress.PruneSchedule(0.5, 1, 1)).step(1)
+    assert torch.equal(state, torch.get_rng_state())
+
+
 def test_bn_folding_is_exact_for_per_channel_symmetric_weights():
     """q(w * g) = g * q(w) per output channel: folding before or after rounding gives the same grid."""
     torch.manual_seed(0)
@@ -472,3 +507,21 @@ def test_compress_imports_only_torch_models_errors():
     p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr
     assert eval(p.stdout) == ["errors", "models"]
+
+
+def test_bench_compress_runs_as_a_script(tmp_path):
+    """bench/compress.py as a user runs it (bench/ heads sys.path, where the file itself would stand
+    in for the compress package): every mode timed beside the dense step, ratios to dense."""
+    out = tmp_path / "compress.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compress.py"), "--device", "cpu",
+                        "--width-mult", "0.1", "--depth-mult", "0.1", "--batch-size", "2", "--steps", "1",
+                        "--eval-steps", "1", "--warmup", "0", "--rounds", "2", "--threads", "1", "--quiet",
+                        "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(out.read_text())
+    assert list(doc["modes"]) == ["dense", "masks", "qat8", "qat4", "qat8+masks"]
+    assert doc["modes"]["dense"]["train_vs_dense"] == 1.0
+    assert all(m["train_ms_per_step"] > 0 and m["eval_vs_dense"] > 0 for m in doc["modes"].values())
+    assert doc["measured_sparsity"] == pytest.approx(0.5, abs=1e-3)
+    assert "| qat8+masks" in p.stdout

@@ -25,7 +25,7 @@ from torchscope import command
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL = [(name, head) for name in models.names() for head in ("cosine", "linear")]
 # The project's top-level packages and modules (pyproject.toml).
-PROJECT = ("models", "loss", "data", "refinery", "engine", "cli", "bench", "errors", "torchscope")
+PROJECT = ("models", "loss", "data", "refinery", "engine", "cli", "bench", "errors", "torchscope", "compress")
 
 
 # Small tensors: on a shared 2-core machine a second OpenMP thread mostly waits for the first.

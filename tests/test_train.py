@@ -445,7 +445,7 @@ def test_best_checkpoint_is_an_earlier_epoch_when_the_last_is_worse(tmp_path, sy
 def test_plain_head_end_to_end(tmp_path, synthetic_dir, capsys):
     """--coslinear false: the dropout+linear head trains on plain cross-entropy of its logits, is
     saved under classifier.1.*, evaluates with test.py --coslinear false, and counts every parameter."""
-    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--coslinear", "false")
+    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--train-limit", "160", "--coslinear", "false")
     folder = r["folder"]
     assert os.path.basename(folder).startswith("efficientnet_ex_2")  # no _cos in the name
     bare = torch.load(os.path.join(folder, "model_state_01.pytar"), weights_only=True)
@@ -486,7 +486,7 @@ def test_plain_head_end_to_end(tmp_path, synthetic_dir, capsys):
 def test_label_smoothing_reaches_the_loss(tmp_path, synthetic_dir):
     """--label-smoothing 0.2: the logged test loss is the smoothed AM-softmax loss of the saved model,
     (1 - 0.2) x CE + 0.2 x the mean of -log p over the classes, computed here."""
-    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--label-smoothing", "0.2")
+    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--train-limit", "160", "--label-smoothing", "0.2")
     net = load_model(os.path.join(r["folder"], "model_best.pytar"))
     x, y = first_test_images(synthetic_dir, 300)
     with torch.no_grad():
@@ -500,16 +500,17 @@ def test_label_smoothing_reaches_the_loss(tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_keep_epoch_states_false_writes_no_epoch_files(tmp_path, synthetic_dir):
-    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--keep-epoch-states", "false")
+    r = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--train-limit", "160", "--keep-epoch-states", "false")
     files = set(os.listdir(r["folder"]))
     assert not [f for f in files if f.startswith("model_state_")], files
     assert {"model_best.pytar", "last.pytar", "metrics.csv", "status.json"} <= files
     # A resume that does not give the flag keeps the run's setting.
-    again = one_run(tmp_path, synthetic_dir, "--epochs", "2", "--resume", r["folder"])
+    again = one_run(tmp_path, synthetic_dir, "--epochs", "2", "--train-limit", "160", "--resume", r["folder"])
     assert again["folder"] == r["folder"] and len(again["history"]) == 2
     assert not [f for f in os.listdir(r["folder"]) if f.startswith("model_state_")]
 
 
+@pytest.mark.slow
 def test_compiled_and_wrapped_prefixes_are_stripped(tmp_path):
     """A state_dict saved from a torch.compile'd model carries `_orig_mod.`, one from DDP around it
     `module._orig_mod.`: both load into a plain model and give its outputs."""

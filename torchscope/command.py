@@ -93,8 +93,7 @@ def parse_args(argv):
 def build_model(args):
     try:
         # Random weights from a fixed seed, so that a count without --model-state-file gives the
-        # same figures on every run: the micronet rules skip exact zeros, and now and then a
-        # random draw holds one.
+        # same figures on every run (and the caller's random stream is left as it was).
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             return models.create(args.model, head=models.head_name(args.coslinear),
