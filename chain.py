@@ -129,12 +129,15 @@ class ChainEta:
 
     def __init__(self, cfg, say):
         self.cfg, self.say, self.shown = cfg, say, False
-        self.costs = [self.stage_cost(i) for i in range(len(cfg.stage_list))]
+        self._madds = {}
 
     def madds(self, name):
-        m = models.create(name, head=models.head_name(self.cfg.coslinear), width_mult=self.cfg.width_mult,
-                          depth_mult=self.cfg.depth_mult)
-        return count_model(m, mul_factor=1.0).madds(1.0)
+        """Counted when the ETA is due, once per model (counting takes seconds for b3 on a CPU)."""
+        if name not in self._madds:
+            m = models.create(name, head=models.head_name(self.cfg.coslinear), width_mult=self.cfg.width_mult,
+                              depth_mult=self.cfg.depth_mult)
+            self._madds[name] = count_model(m, mul_factor=1.0).madds(1.0)
+        return self._madds[name]
 
     def stage_cost(self, i):
         names = self.cfg.stage_list
@@ -151,11 +154,12 @@ class ChainEta:
         if self.shown:
             return
         self.shown = True
-        later = sum(self.epochs(name) * self.samples_per_epoch() * self.costs[j] / (images_per_s * self.costs[i])
+        later = sum(self.epochs(name) * self.samples_per_epoch() * self.stage_cost(j)
+                    / (images_per_s * self.stage_cost(i))
                     for j, name in enumerate(self.cfg.stage_list) if j > i)
         left = stage_left_s + later
-        self.say(f"[chain] ETA for the whole chain: {format_duration(left)} ({left / 60:.1f} min) at the measured "
-                 f"speed of stage {i + 1} ({images_per_s:.0f} img/s), scaled by each model's cost")
+        self.say(f"[chain] ETA for the whole chain: {format_duration(left)} at the measured speed of stage "
+                 f"{i + 1} ({images_per_s:.3g} img/s), scaled by each later model's cost")
         if not torch.cuda.is_available() and left > 86400:
             self.say("[chain] ETA: on this CPU the chain would take days; for a quick run give "
                      "--width-mult 0.25 --depth-mult 0.34 --train-limit 10000 --epochs 2, or use a GPU")

@@ -103,6 +103,8 @@ def train(args, ctx, on_epoch=None, on_speed=None):
                   on_speed=on_speed)
         if agreed_stop(run):
             return stopped(run)
+        if ctx.device.type == "cpu":  # a CPU step can take minutes: an estimate now, measured later
+            estimate_eta(run, net, len(train_loader), parts.autocast)
 
         for epoch in range(state.next_epoch, epochs + 1):
             lr = set_lr(optimizer, lr_at(regime, epoch) * lr_factor)
@@ -177,7 +179,7 @@ def eta_announcer(run, steps, epoch):
         eval_s = 3 * run.test_images / max(images_per_s / run.ctx.world_size, 1e-9)
         run_left = epoch_left + eval_s + (run.epochs - epoch) * (steps / steps_per_s + eval_s)
         run.log(f"ETA: {format_duration(epoch_left)} for the rest of epoch {epoch}, {format_duration(run_left)} "
-                f"for the run ({run.epochs - epoch + 1} epoch(s) left, {images_per_s:.0f} img/s)")
+                f"for the run ({run.epochs - epoch + 1} epoch(s) left, {images_per_s:.3g} img/s)")
         if run.ctx.device.type == "cpu" and run_left > 86400:
             run.log(f"ETA: on this CPU the run would take about {run_left / 86400:.0f} days. For a quick run, "
                     "narrow the model and the data (--width-mult 0.25 --depth-mult 0.34 --train-limit 10000 "
@@ -185,6 +187,16 @@ def eta_announcer(run, steps, epoch):
         if run.on_speed:
             run.on_speed(images_per_s, run_left)
     return announce
+
+
+def estimate_eta(run, net, steps, autocast):
+    """The early ETA from a probe of 8 samples (two forward/backward passes, the second timed, that
+    change nothing), for CPUs where the first steps alone may outlast a user's patience."""
+    x = torch.zeros(min(8, run.args.batch_size), 3, 32, 32).contiguous(memory_format=speed.memory_format(run.args))
+    per_sample = speed.seconds_per_sample(net, x, autocast)
+    run.log("ETA (estimated from a probe; measured after ~30 s of steps):")
+    eta_announcer(run, steps, run.state.next_epoch)(1.0 / (per_sample * run.args.batch_size), run.state.next_step)
+    run.eta_due = True  # the measured ETA follows
 
 
 def start_epoch(run, epoch, loader):

@@ -13,7 +13,6 @@ import os
 import pickle
 import pickletools
 import re
-import tempfile
 import zipfile
 
 import torch
@@ -21,8 +20,9 @@ import torch
 import errors
 import models
 
+from .atomic import write_atomic
+
 FORMAT = "micronet-cifar100/1"
-TMP_PREFIX = ".tmp-"
 # Wrappers that add a prefix to every key: DataParallel/DDP and torch.compile.
 _PREFIXES = ("module.", "_orig_mod.")
 
@@ -33,39 +33,8 @@ def _short(e):
 
 
 def save_atomic(obj, path):
-    """Write to a uniquely named temporary file in the same folder, fsync, rename, fsync the folder:
-    the file under its real name is always whole, old or new. Any OSError (disk full, no inodes,
-    permissions) becomes a StorageError and leaves the previous file as it was."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pytar", dir=folder)
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(folder)
-    except OSError as e:
-        raise errors.StorageError(f"could not write {path}: {e.strerror or _short(e)}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def fsync_dir(folder):
-    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    """torch.save `obj` to `path` atomically (engine.atomic)."""
+    write_atomic(path, lambda f: torch.save(obj, f))
 
 
 def checksum(obj):

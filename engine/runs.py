@@ -17,7 +17,8 @@ import tempfile
 
 import errors
 
-from .checkpoint import TMP_PREFIX, fsync_dir, load_file
+from .atomic import TMP_PREFIX, write_atomic
+from .checkpoint import load_file
 
 # Arguments that define what a run computes: a resume must agree on all of them. The rest (device,
 # speed switches, progress, paths) may change between the original run and its resume.
@@ -42,23 +43,7 @@ def _storage_error(path, e):
 
 
 def write_text_atomic(path, text):
-    """Write through a uniquely named temporary file, fsync, rename: never half a file."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = None
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".txt", dir=folder)
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        tmp = None
-        fsync_dir(folder)
-    except OSError as e:
-        raise _storage_error(path, e) from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda f: f.write(text), binary=False)
 
 
 def write_json(path, obj):

@@ -3,6 +3,7 @@
 Each speed-up has a setting; `None` means "pick the fastest for this device".
 """
 import contextlib
+import time
 
 import torch
 
@@ -60,24 +61,39 @@ def make_optimizer(params, args, lr):
     return torch.optim.SGD(params, foreach=True, **kw)
 
 
+def probe(module, x, autocast_ctx):
+    """One forward and backward of `module` on x that changes nothing: gradients, BatchNorm
+    statistics and the RNG are put back as they were."""
+    buffers = [b.clone() for b in module.buffers()]
+    rng = torch.get_rng_state()
+    with autocast_ctx:
+        out = module(x)
+    out.float().sum().backward()
+    module.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for b, saved in zip(module.buffers(), buffers):
+            b.copy_(saved)
+    torch.set_rng_state(rng)
+
+
+def seconds_per_sample(module, x, autocast_ctx):
+    """The time of a training forward and backward per sample, from a second probe (the first
+    warms up): an estimate of the step's speed before any step ran."""
+    probe(module, x, autocast_ctx)
+    t0 = time.perf_counter()
+    probe(module, x, autocast_ctx)
+    if x.device.type == "cuda":
+        torch.cuda.synchronize(x.device)
+    return (time.perf_counter() - t0) / x.shape[0]
+
+
 def compile_module(module, x, autocast_ctx, log, train=True):
     """torch.compile `module`, proven on one call on the batch x; on any failure, the eager module.
-
-    A training probe runs forward and backward and then puts back the gradients, BatchNorm
-    statistics and the RNG as they were, so compiling changes no result."""
+    A training probe changes no result (see `probe`)."""
     try:
         compiled = torch.compile(module)
         if train:
-            buffers = [b.clone() for b in module.buffers()]
-            rng = torch.get_rng_state()
-            with autocast_ctx:
-                out = compiled(x)
-            out.float().sum().backward()
-            module.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for b, saved in zip(module.buffers(), buffers):
-                    b.copy_(saved)
-            torch.set_rng_state(rng)
+            probe(compiled, x, autocast_ctx)
         else:
             with torch.no_grad(), autocast_ctx:
                 compiled(x)

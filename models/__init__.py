@@ -17,26 +17,16 @@ UCI_REGIME_75 = UCI_REGIME[:-1] + ((66, 75, 0.00007),)
 UCI_CHAIN = ("efficientnet_b3", "efficientnet_b3", "efficientnet_b0", "efficientnet_ex")
 
 
-# Compound scaling (width, depth, dropout) of the original entry; drop-connect only where the
-# original had it (b0, b3).
-@register_model(width=1.0, depth=1.0, dropout=0.2, drop_connect=0.2, lr_regime=UCI_REGIME)
-def efficientnet_b0(**kw):
-    return EfficientNet32(**kw)
-
-
-@register_model(width=1.2, depth=1.4, dropout=0.3, drop_connect=0.2, lr_regime=UCI_REGIME)
-def efficientnet_b3(**kw):
-    return EfficientNet32(**kw)
-
-
-@register_model(width=0.8, depth=0.8, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75)
-def efficientnet_ex(**kw):
-    return EfficientNet32(**kw)
-
-
-@register_model(width=0.8, depth=0.7, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75)
-def efficientnet_exx(**kw):
-    return EfficientNet32(**kw)
+# The original entry's variants: compound scaling (width, depth, dropout), and drop-connect only
+# where the original had it (b0, b3). All four are EfficientNet32 with other facts.
+VARIANTS = {
+    "efficientnet_b0": dict(width=1.0, depth=1.0, dropout=0.2, drop_connect=0.2, lr_regime=UCI_REGIME),
+    "efficientnet_b3": dict(width=1.2, depth=1.4, dropout=0.3, drop_connect=0.2, lr_regime=UCI_REGIME),
+    "efficientnet_ex": dict(width=0.8, depth=0.8, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75),
+    "efficientnet_exx": dict(width=0.8, depth=0.7, dropout=0.0, drop_connect=0.0, lr_regime=UCI_REGIME_75),
+}
+for _name, _facts in VARIANTS.items():
+    register_model(name=_name, **_facts)(EfficientNet32)
 
 
 __all__ = ["create", "card", "names", "describe", "identify", "label", "head_name", "register_model",

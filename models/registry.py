@@ -37,11 +37,11 @@ class ModelCard:
 _CARDS = {}
 
 
-def register_model(*, width, depth, dropout, drop_connect, lr_regime):
-    """Decorator: register `fn(**kw) -> nn.Module` under its own name with the given facts."""
+def register_model(*, width, depth, dropout, drop_connect, lr_regime, name=None):
+    """Decorator: register `fn(**kw) -> nn.Module` under `name` (default: its own) with the given facts."""
     def register(fn):
-        _CARDS[fn.__name__] = ModelCard(fn.__name__, fn, width, depth, dropout, drop_connect,
-                                        tuple(lr_regime))
+        key = name or fn.__name__
+        _CARDS[key] = ModelCard(key, fn, width, depth, dropout, drop_connect, tuple(lr_regime))
         return fn
     return register
 

@@ -280,11 +280,12 @@ def tiny_madds(name, mul_factor=1.0):
         mul_factor)
 
 
-def eta_minutes(text):
-    m = re.search(r"\[chain\] ETA for the whole chain: ([\d.]+) min at the first epoch's speed \((\d+) img/s\)",
-                  text)
+def chain_eta(text):
+    """(minutes, stage, img/s) of the chain's ETA line."""
+    m = re.search(r"\[chain\] ETA for the whole chain: \S+ \(([\d.]+) min\) at the measured speed of stage "
+                  r"(\d+) \((\d+) img/s\), scaled by each model's cost", text)
     assert m, text
-    return float(m.group(1)), int(m.group(2))
+    return float(m.group(1)), int(m.group(2)), int(m.group(3))
 
 
 @pytest.fixture(scope="module")
@@ -331,14 +332,19 @@ def test_chain_reports_every_stage_and_the_final_model(chained, synthetic_dir):
     assert md.startswith("# Label-refinery chain report")
     assert f"parameters {final['params']:,}; mult-adds {final['madds']:,.0f} (mul_factor 0.5)" in md
     assert (save / "chain_curves.png").stat().st_size > 0
-    # The ETA after the first epoch: that epoch's seconds, scaled by every stage's cost (3 student
-    # forwards + the teacher's, in mult-adds) relative to the first stage's, less the epoch itself.
-    first = checkpoint.load_file(os.path.join(os.path.dirname(stages[0]["checkpoint"]), "last.pytar"))["history"][0]
-    costs = [3 * tiny_madds(EX), 3 * tiny_madds(EX) + tiny_madds(EX), 3 * tiny_madds(EXX) + tiny_madds(EX)]
-    expected = (first["seconds"] * sum(costs) / costs[0] - first["seconds"]) / 60
-    minutes, images_s = eta_minutes(out)
-    assert minutes == pytest.approx(expected, abs=0.05 + 1e-9) and images_s == round(first["images_per_s"])
+    # The chain's ETA, said once: stage 1's own time left (train.py's ETA line, in whole seconds)
+    # plus stages 2 and 3 at stage 1's measured speed, scaled by their cost per sample (3 student
+    # forwards + the teacher's, in mult-adds) relative to stage 1's.
     assert out.count("ETA for the whole chain") == 1
+    m = re.search(r"ETA: \S+ for the rest of epoch 1, (\d+)s for the run \(1 epoch\(s\) left, (\d+) img/s\)", out)
+    assert m, out
+    stage_left, images_s = int(m.group(1)), int(m.group(2))
+    minutes, stage, chain_images_s = chain_eta(out)
+    assert stage == 1 and chain_images_s == images_s
+    costs = [3 * tiny_madds(EX), 3 * tiny_madds(EX) + tiny_madds(EX), 3 * tiny_madds(EXX) + tiny_madds(EX)]
+    later = sum(1 * 160 * c / (images_s * costs[0]) for c in costs[1:])
+    # Rounding: the printed minutes (3 s), stage 1's whole seconds (0.5 s), the whole img/s.
+    assert abs(60 * minutes - (stage_left + later)) <= 3.5 + later * 0.5 / images_s + 1e-6, (minutes, stage_left, later)
 
 
 @pytest.mark.slow
@@ -385,13 +391,16 @@ def test_chain_resumes_an_unfinished_stage(tmp_path, synthetic_dir, monkeypatch)
     command again skips stage 1 and continues stage 2 in its own folder from epoch 2."""
     save = tmp_path / "chain"
     argv = [*CHAIN, "--stages", f"{EX},{EXX}", "--epochs", "2", "--data_dir", synthetic_dir, "--save", str(save)]
-    real = chain.ChainEta.after_epoch
+    real = train.train
 
-    def preempted(self, i, row):
-        real(self, i, row)
-        if i == 1 and row["epoch"] == 1:
-            os.kill(os.getpid(), signal.SIGTERM)
-    monkeypatch.setattr(chain.ChainEta, "after_epoch", preempted)
+    def preempted(args, ctx, on_epoch=None, **kw):
+        def after(row):
+            if on_epoch:
+                on_epoch(row)
+            if args.model == EXX and row["epoch"] == 1:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives before the run's next stop check
+        return real(args, ctx, on_epoch=after, **kw)
+    monkeypatch.setattr(train, "train", preempted)  # chain.py trains each stage through train.train
     code, out = run_chain(argv)
     assert code == 0 and "[chain] stopped; run the same command again to continue" in out, out
     state = json.load(open(save / "chain_state.json"))
@@ -415,39 +424,37 @@ def test_chain_resumes_an_unfinished_stage(tmp_path, synthetic_dir, monkeypatch)
     assert json.load(open(save / "chain_report.json"))["stages"][1]["epochs"] == 2
 
 
-def eta_after(stages, i, row, epochs=None):
-    argv = ["--stages", ",".join(stages), "--width-mult", "0.25", "--depth-mult", "0.2"]
+def eta_lines(stages, i, images_per_s, stage_left_s, *flags):
     lines = []
-    eta = chain.ChainEta(chain.parse_args(argv + (["--epochs", str(epochs)] if epochs else [])), lines.append)
-    eta.after_epoch(i, row)
-    eta.after_epoch(i, row)  # said once, after the first epoch the command trains
+    cfg = chain.parse_args(["--stages", ",".join(stages), "--width-mult", "0.25", "--depth-mult", "0.2", *flags])
+    eta = chain.ChainEta(cfg, lines.append)
+    eta.on_speed(i, images_per_s, stage_left_s)
+    eta.on_speed(i, images_per_s, stage_left_s)  # said once, for the first stage the command trains
+    return lines
+
+
+def test_chain_eta_adds_the_later_stages_at_the_measured_speed_scaled_by_cost():
+    """ETA = the measured stage's own time left + for each later stage: its epochs x the samples
+    of an epoch x its cost / (the measured speed x the measured stage's cost). A stage's cost is 3
+    student forwards plus its teacher's forward, in mult-adds; epochs are --epochs or each model's
+    own (ex 75); an epoch holds the augmentation's copies of the training images."""
+    ex, exx, b0 = tiny_madds(EX), tiny_madds(EXX), tiny_madds("efficientnet_b0")
+    lines = eta_lines([EX, EXX], 0, 250.0, 600.0, "--epochs", "3", "--train-limit", "1000", "--aug", "uci")
     assert len(lines) == 1
-    return eta_minutes(lines[0])
-
-
-def test_chain_eta_scales_the_first_epoch_by_every_stages_cost():
-    """ETA = the first epoch's seconds x (sum over the stages left of epochs x cost) / its stage's
-    cost, less that epoch; a stage costs 3 student forwards plus its teacher's forward, in
-    mult-adds; the epochs are --epochs or each model's own (b0 70, ex 75)."""
-    row = {"epoch": 1, "images_per_s": 250.0, "seconds": 600.0}
-    ex, b0 = tiny_madds(EX), tiny_madds("efficientnet_b0")
-    minutes, images_s = eta_after([EX, EXX], 0, row, epochs=3)
-    c0, c1 = 3 * ex, 3 * tiny_madds(EXX) + ex
-    assert images_s == 250 and minutes == pytest.approx((600 * (3 * c0 + 3 * c1) / c0 - 600) / 60, abs=0.05)
-    minutes, _ = eta_after(["efficientnet_b0", EX], 0, row)
-    c0, c1 = 3 * b0, 3 * ex + b0
-    assert minutes == pytest.approx((600 * (70 * c0 + 75 * c1) / c0 - 600) / 60, abs=0.05)
-    # From the first epoch of the last stage: that stage's other epochs only.
-    minutes, _ = eta_after(["efficientnet_b0", EX], 1, row)
-    assert minutes == pytest.approx(74 * 600 / 60, abs=0.05)
-
-
-@pytest.mark.xfail(strict=True, reason="chain.py ChainEta.after_epoch counts all of the stage's epochs even when "
-                                       "the command resumed the stage at a later epoch (row['epoch'] is ignored)")
-def test_chain_eta_after_a_resume_counts_only_the_epochs_left():
-    # A resumed chain's first trained epoch is epoch 3 of 3 of its last stage: nothing is left.
-    minutes, _ = eta_after([EX, EXX], 1, {"epoch": 3, "images_per_s": 250.0, "seconds": 600.0}, epochs=3)
-    assert minutes == 0.0
+    minutes, stage, images_s = chain_eta(lines[0])
+    later = 3 * (3 * 1000) * (3 * exx + ex) / (250.0 * 3 * ex)
+    assert stage == 1 and images_s == 250 and minutes == pytest.approx((600 + later) / 60, abs=0.05)
+    # The last stage: its own time left only (10 minutes).
+    (line,) = eta_lines([EX, EXX], 1, 250.0, 600.0, "--epochs", "3")
+    assert "ETA for the whole chain: 10m00s (10.0 min) at the measured speed of stage 2 (250 img/s)" in line
+    # Defaults: every training image, once per epoch (--aug none), and ex's own 75 epochs.
+    lines = eta_lines(["efficientnet_b0", EX], 0, 1000.0, 30.0, "--aug", "none")
+    later = 75 * 50_000 * (3 * ex + b0) / (1000.0 * 3 * b0)
+    assert chain_eta(lines[0])[0] == pytest.approx((30 + later) / 60, abs=0.05)
+    # More than a day on a CPU: a second line says how to make the run quick.
+    lines = eta_lines(["efficientnet_b0", EX], 0, 10.0, 30.0, "--aug", "none")
+    if not torch.cuda.is_available():
+        assert len(lines) == 2 and "the chain would take days" in lines[1]
 
 
 def test_chain_flag_errors(capsys):

@@ -427,7 +427,11 @@ def test_best_checkpoint_is_an_earlier_epoch_when_the_last_is_worse(tmp_path, sy
     states = {e: torch.load(os.path.join(folder, f"model_state_{e:02}.pytar"), weights_only=True)
               for e in (1, 2, 3)}
     assert_same_weights(best["model"], states[best_epoch])
-    assert_same_weights(final_weights(r), states[3])
+    # The last epoch's weights (BatchNorm statistics aside: a weights file holds those the epoch was
+    # evaluated with, which precise BN may have recomputed) are last.pytar's.
+    last = final_weights(r)
+    weights = [k for k in last if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert_same_weights({k: last[k] for k in weights}, {k: states[3][k] for k in weights})
     x, y = first_test_images(synthetic_dir, 200)
     losses = set()
     for e, row in enumerate(history, 1):
