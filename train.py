@@ -540,7 +540,10 @@ def check_ranks_in_sync(net, ctx):
 def precise_bn_setting(v):
     if v in ("auto", "off"):
         return v
-    return str(positive_int(v))
+    try:
+        return str(positive_int(v))
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected auto, off or a positive number of batches, got {v!r}") from None
 
 
 def build_parser(stage_flags=True):

@@ -1,2 +1,2 @@
-"""Throughput and memory benchmarks: data.py (augmentation), step.py (train/eval step), eta.py
+"""Throughput and memory benchmarks: augmentation.py (the data pipeline), step.py (train/eval step), eta.py
 (chain time from step results), summary.py (markdown report), gpu.sh (one prepared GPU run)."""

@@ -79,13 +79,16 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_script(name):
-    """A top-level script of the repository (train, chain, test) as a module, loaded from its file:
+    """A top-level script of the repository (train, chain) as a module, loaded from its file once:
     scripts are not installed packages, and loading by path needs no sys.path edit."""
     import importlib.util
-    spec = importlib.util.spec_from_file_location(f"_script_{name}", os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    import sys
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def write_json(path, obj):

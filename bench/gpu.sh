@@ -12,7 +12,7 @@
 #              data some other way or accept the fallback: without data the script makes synthetic
 #              images of the right shapes. Speeds stay valid; the training run's accuracy is then
 #              meaningless, and summary.md says so.
-# 2. data bench   bench/data.py on cuda: our augmentation against torchvision's (2 workers).
+# 2. data bench   bench/augmentation.py on cuda: our augmentation against torchvision's (2 workers).
 # 2b. syncs      bench/sync_check.py: a short eager train.py run under CUDA's sync debug mode, listing
 #              every host synchronisation inside the epoch loop by source line.
 # 3. step bench   bench/step.py for b0, b3, ex, exx at batch 256 and 512, modes eager-fp32 and all,

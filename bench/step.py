@@ -8,7 +8,7 @@
 Every mode is train.py with the matching speed flags; the step is train.py's own
 (engine.step.train_step: forward and loss under autocast, zero_grad, backward, optimizer step through
 the GradScaler, the on-device meter), plus the per-step finite-loss check that train.py does on the CPU. Inputs are one random batch made on
-the device, so no data loading is timed (bench/data.py times that).
+the device, so no data loading is timed (bench/augmentation.py times that).
 
   eager-fp32     --amp off --no-channels-last --no-compile --no-fused-optimizer: eager, fp32 tensors,
                  NCHW, SGD(foreach=True). On CUDA train.py's TF32 and cudnn.benchmark settings hold.

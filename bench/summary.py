@@ -52,7 +52,7 @@ def data_section(docs):
         tv_cpu = d.get("torchvision_images_per_cpu_s")
         rows.append([f"torchvision ({d['workers']} workers)", fmt(d["torchvision_images_per_s"]), "1.0",
                      fmt(tv_cpu), "1.0" if tv_cpu else "-"])
-        out.append(f"`seed` augmentation, batch {d['batch_size']}, on {d['device']} ({d['data']}; "
+        out.append(f"`{d.get('recipe', 'uci')}` augmentation, batch {d['batch_size']}, on {d['device']} ({d['data']}; "
                    f"load average {d.get('load_average_1min', 0):.1f} at the start):\n\n"
                    + markdown_table(["pipeline", "images/s", "x torchvision", "images/CPU-s", "x torchvision"],
                                     rows))

@@ -46,7 +46,7 @@ QUANT_CHILD = "input_quant"
 def check_bits(bits, what):
     """`bits` as an int in layers.BITS, or ConfigError naming `what`."""
     if isinstance(bits, bool) or not isinstance(bits, int) or bits not in L.BITS:
-        raise errors.ConfigError(f"{what} must be one of {L.BITS_TEXT}, got {bits!r}")
+        raise errors.ConfigError(f"{what} must be one of {L.BITS_TEXT}, got {bits!r}", setting="quant")
     return bits
 
 
@@ -250,7 +250,7 @@ def layer_bits(model, weight_bits, act_bits, first_last_bits=None):
         pair = first_last_bits if isinstance(first_last_bits, (tuple, list)) else (first_last_bits,) * 2
         if len(pair) != 2:
             raise errors.ConfigError(f"first/last layer bits must be one width or a (weight, activation) "
-                                     f"pair, got {first_last_bits!r}")
+                                     f"pair, got {first_last_bits!r}", setting="quant")
         pair = (check_bits(pair[0], "first/last layer weight bits"),
                 check_bits(pair[1], "first/last layer activation bits"))
         first, head = L.first_and_head(model)

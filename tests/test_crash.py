@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 # Three steps an epoch (96 images, batch 32), a mid-epoch checkpoint after step 2, two epochs.
 QUICK = ["--model", "efficientnet_ex", "--width-mult", "0.1", "--depth-mult", "0.1", "--train-limit", "96",
          "--test-limit", "50", "--batch-size", "32", "--aug", "standard", "--lr-regime", "1", "2", "0.05",
-         "--bn-momentum", "0.1", "--no-progress", "--epochs", "2", "--checkpoint-every", "2"]
+         "--no-progress", "--epochs", "2", "--checkpoint-every", "2"]
 
 
 def argv_for(data_dir, save, *extra):
@@ -139,7 +139,7 @@ def chain_reference(tmp_path_factory, synthetic_dir):
 def chain_argv(data_dir, save):
     return ["--stages", "efficientnet_ex,efficientnet_exx", "--width-mult", "0.1", "--depth-mult", "0.1",
             "--train-limit", "64", "--test-limit", "50", "--batch-size", "32", "--aug", "none", "--epochs", "1",
-            "--bn-momentum", "0.1", "--no-progress", "--data_dir", data_dir, "--save", str(save)]
+            "--no-progress", "--data_dir", data_dir, "--save", str(save)]
 
 
 def test_a_kill_around_the_chain_bookkeeping_never_trains_a_stage_twice(tmp_path, synthetic_dir, chain_reference):

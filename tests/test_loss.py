@@ -109,3 +109,15 @@ def test_criterion_by_head():
         hand_am_softmax(cos, y, 1.0, 0.0), rel=1e-5)
     with pytest.raises(ValueError):
         AMSoftmaxLoss(s=0)
+
+
+def test_criterion_by_head_passes_label_smoothing_on():
+    """--label-smoothing reaches both heads' losses: AM-softmax on cosines, cross-entropy on logits."""
+    torch.manual_seed(5)
+    cos = torch.rand(4, 7) * 2 - 1
+    logits = torch.randn(4, 7) * 3
+    y = torch.randint(0, 7, (4,))
+    assert make_criterion(True, s=5.0, m=0.1, label_smoothing=0.2)(cos, y).item() == pytest.approx(
+        hand_am_softmax(cos, y, 5.0, 0.1, eps=0.2), rel=1e-5)
+    assert make_criterion(False, label_smoothing=0.2)(logits, y).item() == pytest.approx(
+        hand_am_softmax(logits, y, 1.0, 0.0, eps=0.2), rel=1e-5)
