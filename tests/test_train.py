@@ -291,6 +291,7 @@ def test_corrupt_and_truncated_data_files(capsys, tmp_path, synthetic_dir):
                                    str(tmp_path / "runs")), "train")
 
 
+@pytest.mark.slow
 def test_checkpoint_errors_in_test_py(capsys, tmp_path, synthetic_dir):
     run = lambda path, *extra: (lambda: test_script.run_main(test_script.main, [
         *TINY, "--data_dir", synthetic_dir, "--model-state-file", str(path), *extra]))
