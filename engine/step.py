@@ -6,6 +6,8 @@ from typing import Any, Callable
 
 import torch
 
+from . import distributed
+
 
 class HardLabels:
     """The objective of a stage trained on labels: criterion(out, y), no teacher."""
@@ -44,7 +46,9 @@ def train_step(parts, x, y, meter):
         out = model(x)
         loss, teacher_logits = parts.objective(out, x, y)
     finite = torch.isfinite(loss)
-    if parts.skip_nonfinite and not bool(finite):
+    # Every rank must skip together, or the others would wait in the gradient all-reduce.
+    if parts.skip_nonfinite and distributed.any_rank(not bool(finite), loss.device):
+        finite = torch.zeros((), dtype=torch.bool, device=loss.device)
         with torch.no_grad():
             for b, saved in zip(model.buffers(), buffers):
                 b.copy_(saved)

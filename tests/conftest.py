@@ -13,23 +13,28 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_UNPACK = os.path.join(ROOT, "..", "shared", "data", "cifar100", "unpack.sh")
 
 
-@pytest.fixture(scope="session")
-def cifar_dir(tmp_path_factory):
-    """The real CIFAR-100: $CIFAR100_DIR (CI sets it), else unpacked from ../shared when present.
-    Without a copy the test is skipped, or fails when the CI variable is set. Only tests that need
-    real images use it: the rest (chain, torchrun) run on `synthetic_dir`."""
-    root = os.environ.get("CIFAR100_DIR")
+def locate_cifar(tmp_path_factory, environ=os.environ, unpack=SHARED_UNPACK):
+    """The real CIFAR-100 folder: $CIFAR100_DIR, else unpacked from ../shared when present; else the
+    test is skipped, or fails when the CI variable is set (a CI machine without the data is broken:
+    its real-data tests must not vanish as skips)."""
+    root = environ.get("CIFAR100_DIR")
     if root and os.path.exists(os.path.join(root, "cifar-100-python", "train")):
         return root
-    if os.path.exists(SHARED_UNPACK):
+    if os.path.exists(unpack):
         root = str(tmp_path_factory.mktemp("cifar100"))
-        subprocess.run(["bash", SHARED_UNPACK, root], check=True, capture_output=True)
+        subprocess.run(["bash", unpack, root], check=True, capture_output=True)
         return root
     message = "real CIFAR-100 not found: set CIFAR100_DIR to a folder holding cifar-100-python/"
-    if os.environ.get("CI"):
-        # On CI a missing copy is a broken set-up, not a reason to drop the real-data tests silently.
+    if environ.get("CI"):
         pytest.fail(message + " (CI is set: the real-data tests must run)")
     pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def cifar_dir(tmp_path_factory):
+    """The real CIFAR-100 (locate_cifar). Only tests that need real images use it: the rest (chain,
+    torchrun) run on `synthetic_dir`."""
+    return locate_cifar(tmp_path_factory)
 
 
 def write_cifar(root, train, test):

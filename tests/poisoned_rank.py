@@ -7,9 +7,9 @@ rank's training steps). Only used by tests/test_faults.py.
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from bench.common import load_script
 
-import train  # noqa: E402
+train = load_script("train")  # the repository's train.py, loaded by path
 
 
 class PoisonedLabels(train.HardLabels):

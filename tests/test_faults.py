@@ -299,6 +299,29 @@ def test_torchrun_two_ranks_killed_mid_epoch_resume_on_two_ranks_bit_exact(tmp_p
 
 
 @pytest.mark.slow
+def test_nan_policy_skip_under_torchrun_skips_the_step_on_every_rank(tmp_path, synthetic_dir):
+    """Rank 1 alone gets a non-finite loss at its second step (tests/poisoned_rank.py): every rank
+    must skip that step, and the run end with the same weights on both ranks."""
+    argv = [*TINY, "--train-limit", "64", "--test-limit", "50", "--batch-size", "16", "--aug", "none",
+            "--lr-regime", "1", "1", "0.05", "--no-progress", "--nan-policy", "skip", "--epochs", "1",
+            "--device", "cpu", "--data_dir", synthetic_dir, "--save", tmp_path]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "tests", "poisoned_rank.py"), *map(str, argv)]
+    agent = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", POISON_RANK="1",
+                                      POISON_STEP="2"))
+    try:
+        out, _ = agent.communicate(timeout=60)  # two steps a rank: seconds when nothing hangs
+    except subprocess.TimeoutExpired:
+        for pid in children(agent.pid) + [agent.pid]:
+            os.kill(pid, signal.SIGKILL)
+        out, _ = agent.communicate()
+        pytest.fail("the two ranks hung after rank 1 skipped a step:\n" + out[-3000:])
+    assert agent.returncode == 0, out
+    assert "weights identical on all 2 ranks" in out and "skipped" in out, out
+
+
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path, synthetic_dir):
     save = tmp_path / "ddp"
     argv = [*TINY, "--data_dir", synthetic_dir, "--no-download", "--train-limit", "600", "--test-limit", "333",

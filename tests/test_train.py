@@ -148,59 +148,69 @@ def test_tta_averages_flipped_predictions(trained, tmp_path, synthetic_dir):
 
 @pytest.mark.slow
 def test_resume_after_epoch_is_bit_identical(tmp_path, synthetic_dir):
-    full = one_run(tmp_path, synthetic_dir, "--epochs", "3", save="full")
+    full = one_run(tmp_path, synthetic_dir, "--epochs", "2", save="full")
     part = one_run(tmp_path, synthetic_dir, "--epochs", "1", save="part")
-    resumed = one_run(tmp_path, synthetic_dir, "--epochs", "3", "--resume", part["folder"], save="part")
+    resumed = one_run(tmp_path, synthetic_dir, "--epochs", "2", "--resume", part["folder"], save="part")
     assert resumed["folder"] == part["folder"]
     assert_same_weights(final_weights(full), final_weights(resumed))
     rows = list(csv.DictReader(open(os.path.join(part["folder"], "metrics.csv"))))
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
     full_rows = list(csv.DictReader(open(os.path.join(full["folder"], "metrics.csv"))))
     assert [r["test_top1"] for r in rows] == [r["test_top1"] for r in full_rows]
 
 
+# Runs whose training does not matter (folders, resume bookkeeping): three steps an epoch.
+SHORT = ["--train-limit", "96"]
+
+
 @pytest.mark.slow
 def test_resume_auto_picks_the_unfinished_run_of_the_same_arguments(tmp_path, synthetic_dir, capsys):
-    first = one_run(tmp_path, synthetic_dir, "--epochs", "1")
+    first = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1")
     # Mark it unfinished as a crash would leave it (status written before the last epoch ended).
     status_path = os.path.join(first["folder"], "status.json")
     status = json.load(open(status_path))
     status["finished"] = False
     json.dump(status, open(status_path, "w"))
-    again = one_run(tmp_path, synthetic_dir, "--epochs", "2", "--resume", "auto")
+    again = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "2", "--resume", "auto")
     assert again["folder"] == first["folder"] and len(again["history"]) == 2
-    other = one_run(tmp_path, synthetic_dir, "--epochs", "1", "--seed", "7", "--resume", "auto")
+    other = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1", "--seed", "7", "--resume", "auto")
     assert other["folder"] != first["folder"]
     assert "no run of these arguments" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 def test_resume_with_other_arguments_is_refused(tmp_path, synthetic_dir):
-    r = one_run(tmp_path, synthetic_dir, "--epochs", "1")
+    r = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1")
     with pytest.raises(UserError, match=r"--seed 5 \(run: 0\)"):
-        one_run(tmp_path, synthetic_dir, "--epochs", "2", "--resume", r["folder"], "--seed", "5")
+        one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "2", "--resume", r["folder"], "--seed", "5")
 
 
 @pytest.mark.slow
 def test_new_runs_never_reuse_a_folder(tmp_path, synthetic_dir):
-    a = one_run(tmp_path, synthetic_dir, "--epochs", "1")
-    b = one_run(tmp_path, synthetic_dir, "--epochs", "1")
+    a = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1")
+    b = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1")
     assert a["folder"] != b["folder"]
     assert os.path.exists(os.path.join(a["folder"], "model_best.pytar"))
 
 
 # ------------------------------------------------------------------ the original's layout
 
+# Blocks per stage (SPEC's table after depth scaling); stage 1's blocks have expand ratio 1.
+REPEATS = {"efficientnet_b0": (1, 2, 2, 3, 3, 4, 1), "efficientnet_b3": (2, 3, 3, 5, 5, 6, 2),
+           "efficientnet_ex": (1, 2, 2, 3, 3, 4, 1), "efficientnet_exx": (1, 2, 2, 3, 3, 3, 1)}
+
+
 def seed_layout_keys(model_name):
-    """SPEC §6 key names, generated from the stage table alone (not from our modules)."""
-    m = models.create(model_name)
+    """SPEC §6 key names, generated from the literal stage table alone (not from our modules)."""
     unit = lambda p: [f"{p}.1.weight"] + [f"{p}.2.{b}" for b in
                                           ("weight", "bias", "running_mean", "running_var",
                                            "num_batches_tracked")]
     keys = unit("features.0")
-    for i, spec in enumerate(m.block_specs, start=1):
+    repeats = REPEATS[model_name]
+    expands = [1] * repeats[0] + [6] * sum(repeats[1:])
+    for i, expand in enumerate(expands, start=1):
         j = 0
-        if spec.expand != 1:
+        if expand != 1:
             keys += unit(f"features.{i}.conv.0")
             j = 1
         keys += unit(f"features.{i}.conv.{j}")
@@ -208,7 +218,7 @@ def seed_layout_keys(model_name):
         keys += [f"features.{i}.conv.{j + 2}.{b}" for b in ("weight", "bias")]
         keys += [f"features.{i}.conv.{j + 3}.{b}" for b in ("weight", "bias", "running_mean",
                                                             "running_var", "num_batches_tracked")]
-    keys += unit(f"features.{len(m.block_specs) + 1}")
+    keys += unit(f"features.{len(expands) + 1}")
     keys += ["classifier.0.weight", "classifier.0.bias", "classifier.2.kernel"]
     return keys
 
@@ -216,9 +226,10 @@ def seed_layout_keys(model_name):
 def test_state_dict_keys_are_the_original_layout():
     keys = seed_layout_keys("efficientnet_ex")
     assert len(keys) == 377 and "features.17.1.weight" in keys
-    assert set(keys) == set(models.create("efficientnet_ex").state_dict())
-    for name in models.names():
-        assert set(seed_layout_keys(name)) == set(models.create(name).state_dict())
+    with torch.device("meta"):  # key names only
+        assert set(keys) == set(models.create("efficientnet_ex").state_dict())
+        for name in models.names():
+            assert set(seed_layout_keys(name)) == set(models.create(name).state_dict()), name
 
 
 def test_original_checkpoint_loads_and_gives_the_same_outputs(tmp_path, synthetic_dir, capsys):
@@ -339,9 +350,9 @@ def test_malicious_checkpoint_is_refused_and_never_runs(capsys, tmp_path, synthe
 
 @pytest.mark.slow
 def test_checkpoint_of_another_model_in_resume(tmp_path, synthetic_dir):
-    r = one_run(tmp_path, synthetic_dir, "--epochs", "1")
+    r = one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "1")
     with pytest.raises(UserError, match="--width-mult 0.5"):
-        one_run(tmp_path, synthetic_dir, "--epochs", "2", "--resume", r["folder"], "--width-mult", "0.5")
+        one_run(tmp_path, synthetic_dir, *SHORT, "--epochs", "2", "--resume", r["folder"], "--width-mult", "0.5")
 
 
 def test_unwritable_save_folder(tmp_path, synthetic_dir, capsys):
@@ -364,18 +375,20 @@ def test_unwritable_save_folder(tmp_path, synthetic_dir, capsys):
 
 # ------------------------------------------------------------------ real data
 
-@pytest.mark.slow
-def test_real_data_narrow_ex_learns(tmp_path, cifar_dir):
-    """Two short epochs of a narrow ex on 10,000 real images: far above the 1% of chance.
+# Real data learning: tests/test_first_minutes.py trains the narrow ex of issue "The first minutes tell
+# the truth" on 10,000 real images with the default flags and asserts > 5% top-1 in train.py and test.py.
 
-    Calibrated on CPU: about 9-10% top-1 on the first 2,000 test images (seed 0); the bound leaves
-    room for platform differences while still failing for a broken pipeline (chance is 1%)."""
-    r = train.run(["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mult", "0.34",
-                   "--data_dir", cifar_dir, "--no-download", "--train-limit", "10000",
-                   "--test-limit", "2000", "--epochs", "2", "--batch-size", "64", "--aug", "standard",
-                   "--lr-regime", "1", "2", "0.05", "--bn-momentum", "0.1", "--no-progress",
-                   "--save", str(tmp_path / "runs")])
-    assert r["best"]["top1"] > 5.0
+
+def test_missing_real_data_fails_on_ci_and_is_skipped_elsewhere(tmp_path):
+    from conftest import locate_cifar
+    nowhere = str(tmp_path / "no-unpack-script.sh")
+    with pytest.raises(pytest.fail.Exception, match="CI is set"):
+        locate_cifar(None, environ={"CI": "true"}, unpack=nowhere)
+    with pytest.raises(pytest.skip.Exception, match="set CIFAR100_DIR"):
+        locate_cifar(None, environ={}, unpack=nowhere)
+    (tmp_path / "cifar-100-python").mkdir()
+    (tmp_path / "cifar-100-python" / "train").write_bytes(b"")
+    assert locate_cifar(None, environ={"CI": "true", "CIFAR100_DIR": str(tmp_path)}, unpack=nowhere) == str(tmp_path)
 
 
 def test_data_dir_may_name_the_cifar_folder_itself(synthetic_dir):
