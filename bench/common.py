@@ -91,6 +91,23 @@ def load_script(name):
     return sys.modules[name]
 
 
+def add_model_args(p, batch_size):
+    """The flags every step benchmark shares: the model, its scaling, the device, the batch."""
+    import models
+    p.add_argument("--model", default="efficientnet_ex", choices=models.names())
+    p.add_argument("--width-mult", type=float, default=None)
+    p.add_argument("--depth-mult", type=float, default=None)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--batch-size", type=int, default=batch_size)
+
+
+def add_output_args(p, json_help):
+    """The seed of the benchmark's random inputs, where its JSON goes, and --quiet."""
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help=json_help)
+    p.add_argument("--quiet", action="store_true")
+
+
 def write_json(path, obj):
     """Write atomically, so a benchmark killed by its time budget never leaves half a file."""
     folder = os.path.dirname(os.path.abspath(path))

@@ -124,11 +124,7 @@ class Runner:
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default="efficientnet_ex", choices=models.names())
-    p.add_argument("--width-mult", type=float, default=None)
-    p.add_argument("--depth-mult", type=float, default=None)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=64)
+    common.add_model_args(p, batch_size=64)
     p.add_argument("--amp", default="off", choices=("off", "bf16"))
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {', '.join(MODES)}")
     p.add_argument("--sparsity", type=float, default=0.5, help="the masks' sparsity (default 0.5)")
@@ -137,9 +133,7 @@ def build_parser():
     p.add_argument("--warmup", type=int, default=2, help="untimed train steps per mode before the first round")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here")
-    p.add_argument("--quiet", action="store_true")
+    common.add_output_args(p, json_help="write the results here")
     return p
 
 

@@ -227,11 +227,7 @@ def measure(runner, args, meter, warmup):
 def build_parser():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    p.add_argument("--model", default="efficientnet_ex", choices=models.names())
-    p.add_argument("--width-mult", type=float, default=None)
-    p.add_argument("--depth-mult", type=float, default=None)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--batch-size", type=int, default=128)
+    common.add_model_args(p, batch_size=128)
     p.add_argument("--modes", default=None,
                    help=f"comma-separated, from {', '.join(MODES)} (default cuda: {DEFAULT_MODES['cuda']}; "
                         f"cpu: {DEFAULT_MODES['cpu']})")
@@ -252,11 +248,9 @@ def build_parser():
     p.add_argument("--threads", default=None,
                    help="torch CPU threads (default: torch's); a list such as 1,2 times every mode at "
                         "each count, labelled MODE@Nt")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="write the results here (rewritten after each mode)")
+    common.add_output_args(p, json_help="write the results here (rewritten after each mode)")
     p.add_argument("--lock", default=None, help="flock file serialising timed parts across processes")
     p.add_argument("--timing-cpus", default=None, help="cores to time on while holding --lock, e.g. 0-1")
-    p.add_argument("--quiet", action="store_true")
     return p
 
 

@@ -87,25 +87,12 @@ class Report:
     def non_trainable_params(self):
         return self.total_params - self.trainable_params
 
-    @property
-    def flops(self):
-        return self._sum("flops")
-
-    @property
-    def mults(self):
-        return self._sum("mults")
-
-    @property
-    def adds(self):
-        return self._sum("adds")
-
-    @property
-    def macs(self):
-        return self._sum("macs")
-
-    @property
-    def activations(self):
-        return self._sum("activations")
+    # Totals over the rows.
+    flops = property(lambda self: self._sum("flops"))
+    mults = property(lambda self: self._sum("mults"))
+    adds = property(lambda self: self._sum("adds"))
+    macs = property(lambda self: self._sum("macs"))
+    activations = property(lambda self: self._sum("activations"))
 
     @property
     def params32(self):

@@ -271,14 +271,9 @@ def micronet_bn_unfolded(module, in_shape, out_shape):
     return Cost(mults=n, adds=n)
 
 
-def micronet_silu(module, in_shape, out_shape):
-    n = numel(out_shape)
-    return Cost(mults=3 * n, adds=n)
-
-
-def micronet_sigmoid(module, in_shape, out_shape):
-    n = numel(out_shape)
-    return Cost(mults=2 * n, adds=n)
+# Swish (3 mults + 1 add) and sigmoid (2 mults + 1 add) per element: both rule sets agree.
+micronet_silu = uci_silu
+micronet_sigmoid = uci_sigmoid
 
 
 def micronet_avg_pool(module, in_shape, out_shape):
