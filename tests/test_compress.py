@@ -510,11 +510,10 @@ def test_compress_imports_only_torch_models_errors():
 
 
 def test_bench_compress_runs_as_a_script(tmp_path):
-    """bench/compress.py as a user runs it (bench/ heads sys.path, where the file itself would stand
-    in for the compress package): every mode timed beside the dense step, ratios to dense."""
+    """bench/compression.py as a user runs it: every mode timed beside the dense step, ratios to dense."""
     out = tmp_path / "compress.json"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compress.py"), "--device", "cpu",
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "compression.py"), "--device", "cpu",
                         "--width-mult", "0.1", "--depth-mult", "0.1", "--batch-size", "2", "--steps", "1",
                         "--eval-steps", "1", "--warmup", "0", "--rounds", "2", "--threads", "1", "--quiet",
                         "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Step-time cost of pruning masks and of quantisation-aware training against the dense step, side by side.
 
-    python bench/compress.py --device cpu --width-mult 0.25 --depth-mult 0.2 --batch-size 64 \
+    python bench/compression.py --device cpu --width-mult 0.25 --depth-mult 0.2 --batch-size 64 \
         --json bench/results/cpu-compress-ex-narrow.json
-    python bench/compress.py --device cuda --batch-size 256 --amp bf16 --json OUT.json
+    python bench/compression.py --device cuda --batch-size 256 --amp bf16 --json OUT.json
 
 Every mode steps with train.py's own step (engine.step.train_step: forward and loss under autocast,
 zero_grad, backward, optimizer step through the GradScaler, the on-device meter), SGD with momentum
@@ -24,35 +24,17 @@ machine's load hits every mode alike; the ratios to dense are medians of the per
 """
 import argparse
 import contextlib
-import importlib.util
-import os
 import statistics
 import sys
 import time
 
 import torch
 
+import compress
 import models
 from bench import common
 
 
-def _compress_package():
-    """The project's compress package. Run as a script, bench/ heads sys.path, where this very file
-    would be found as `compress`; so the package is loaded from its folder by path, as
-    common.load_script loads the scripts (no sys.path edit)."""
-    mod = sys.modules.get("compress")
-    if mod is not None and hasattr(mod, "Pruner"):
-        return mod
-    folder = os.path.join(common.ROOT, "compress")
-    spec = importlib.util.spec_from_file_location("compress", os.path.join(folder, "__init__.py"),
-                                                  submodule_search_locations=[folder])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["compress"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-compress = _compress_package()
 from engine.meter import Meter
 from engine.step import HardLabels, StepParts, train_step
 from loss import make_criterion
