@@ -35,7 +35,7 @@ from engine.evaluate import evaluate
 from engine.meter import Meter
 from engine.progress import Progress, format_duration
 from engine.regime import format_regime, lr_at, parse_regime, regime_end
-from engine.saver import CheckpointSaver, set_rng_state
+from engine.saver import CheckpointSaver, set_rng_state, write_derived
 from engine.signals import StopRequest
 from engine.state import RunState
 from engine.step import HardLabels, StepParts, train_step
@@ -92,6 +92,8 @@ def train(args, ctx, on_epoch=None, on_speed=None):
 
         folder = open_folder(args, ctx, folder, lock, log)
         saver = CheckpointSaver(folder, net, optimizer, scaler, args, ctx, log)
+        if saved is not None:  # a kill may have come between last.pytar and its derived files
+            saver.refresh(state)
         criterion = make_criterion(args.coslinear, args.s, args.m, args.label_smoothing)
         describe_run(args, ctx, net, epochs, lr_factor, saved is not None, folder, log)
         parts, eval_net, teacher_forward = make_step_parts(args, ctx, net, teacher, optimizer, scaler,
@@ -470,14 +472,10 @@ def already_finished(ctx, folder, saved, log):
     """--resume of a run that already trained every epoch asked for: repair its derived files (a
     kill may have come between last.pytar and them), say so, exit 0."""
     state = RunState.from_checkpoint(saved)
+    state.finished = True
     if ctx.is_main:
         runs.remove_temporaries(folder)
-        refined = bool(saved["args"].get("label_refinery_model"))
-        runs.write_json(os.path.join(folder, "status.json"), {"next_epoch": state.next_epoch,
-                                                              "next_step": state.next_step,
-                                                              "finished": True, "best": state.best})
-        runs.write_metrics(folder, state.history, refined)
-        runs.draw_curves(os.path.join(folder, "curves.png"), state.history, os.path.basename(folder))
+        write_derived(folder, state, bool(saved["args"].get("label_refinery_model")), log)
     b = state.best
     log(f"the run {folder} is already finished: best test top-1 {b['top1']:.2f}% ({b['correct']}/{b['total']}) "
         f"at epoch {b['epoch']}; {os.path.join(folder, 'model_best.pytar')}")

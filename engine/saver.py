@@ -91,13 +91,18 @@ class CheckpointSaver:
 
     def refresh(self, state):
         """The derived files, rewritten from the state (after every epoch and when a run opens)."""
-        if not self.ctx.is_main:
-            return
-        runs.write_json(self.path("status.json"), status_of(state))
-        runs.write_metrics(self.folder, state.history, self.refined)
-        problem = runs.draw_curves(self.path("curves.png"), state.history, os.path.basename(self.folder))
-        if problem:
-            self.log(f"warning: curves.png not drawn ({problem}); training goes on")
+        if self.ctx.is_main:
+            write_derived(self.folder, state, self.refined, self.log)
+
+
+def write_derived(folder, state, refined, log):
+    """status.json, metrics.csv and curves.png from a run's state; curves that cannot be drawn
+    only cost a warning."""
+    runs.write_json(os.path.join(folder, "status.json"), status_of(state))
+    runs.write_metrics(folder, state.history, refined)
+    problem = runs.draw_curves(os.path.join(folder, "curves.png"), state.history, os.path.basename(folder))
+    if problem:
+        log(f"warning: curves.png not drawn ({problem}); training goes on")
 
 
 def status_of(state):
