@@ -57,15 +57,20 @@ def leftovers(save):
     return [os.path.join(b, f) for b, _, fs in os.walk(save) for f in fs if f.startswith(".tmp-")]
 
 
+def uninterrupted(script, argv, log):
+    """Run a script to the end, logging its renames; returns them in order."""
+    p = killed_run(script, argv, KILL_LOG=log)
+    assert p.returncode == 0, p.stdout + p.stderr
+    return log.read_text().split()
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, synthetic_dir):
     """The uninterrupted run's final weights, and the renames it makes, in order."""
     save = tmp_path_factory.mktemp("reference")
-    log = save / "renames.txt"
-    p = killed_run("train.py", argv_for(synthetic_dir, save / "runs"), KILL_LOG=log)
-    assert p.returncode == 0, p.stdout + p.stderr
+    names = uninterrupted("train.py", argv_for(synthetic_dir, save / "runs"), save / "renames.txt")
     (folder,) = run_folders(save / "runs")
-    return load_weights_file(os.path.join(folder, "last.pytar")), log.read_text().split()
+    return load_weights_file(os.path.join(folder, "last.pytar")), names
 
 
 def test_the_reference_run_renames_every_bookkeeping_file(reference):
@@ -129,11 +134,9 @@ def test_a_finished_run_with_damaged_small_files_is_still_finished(tmp_path, syn
 @pytest.fixture(scope="module")
 def chain_reference(tmp_path_factory, synthetic_dir):
     save = tmp_path_factory.mktemp("chain_ref")
-    log = save / "renames.txt"
-    p = killed_run("chain.py", chain_argv(synthetic_dir, save / "chain"), KILL_LOG=log)
-    assert p.returncode == 0, p.stdout + p.stderr
+    names = uninterrupted("chain.py", chain_argv(synthetic_dir, save / "chain"), save / "renames.txt")
     report = json.load(open(save / "chain" / "chain_report.json"))
-    return load_weights_file(report["stages"][-1]["checkpoint"]), log.read_text().split()
+    return load_weights_file(report["stages"][-1]["checkpoint"]), names
 
 
 def chain_argv(data_dir, save):
