@@ -6,6 +6,11 @@
 
 Stage 1 trains on hard labels; each later stage is refined by the previous stage's model_best.pytar.
 Every train.py flag applies to every stage (the model and teacher of each come from --stages).
+With --prune and/or --quant a final compression stage follows: the last model, initialised from its
+own best weights and refined by them, pruned and quantised over --compress-epochs:
+
+    python chain.py --data_dir D --prune 0.5 --quant 8 8          # ... -> ex -> ex (compressed)
+
 Running the same command again skips finished stages and resumes an unfinished one. At the end the
 final model is evaluated (as test.py does) and counted (as torchscope/count.py does), and
 {save}/chain_report.md, chain_report.json and chain_curves.png are written.
@@ -17,15 +22,17 @@ import time
 
 import torch
 
+import compress
 import data
 import errors
 import models
 import train as train_stage
+from cli.args import positive_int
 from cli.errors import run_main
-from engine import checkpoint, distributed, runs
+from engine import checkpoint, compression, distributed, runs
 from engine.evaluate import evaluate_checkpoint
 from engine.progress import format_duration
-from engine.regime import format_regime
+from engine.regime import format_regime, parse_regime
 from torchscope import count as count_model
 
 DEFAULT_STAGES = ",".join(models.UCI_CHAIN)
@@ -33,7 +40,8 @@ STATE_FILE = "chain_state.json"
 # What chain.py decides for every stage: the user cannot give these.
 STAGE_SETTINGS = ("model", "lr_regime", "label_refinery_model", "label_refinery_state_file",
                   "label_refinery_width_mult", "label_refinery_depth_mult", "label_refinery_coslinear",
-                  "resume")
+                  "resume", "init_from")
+COMPRESSION_SETTINGS = ("prune", "prune_schedule", "prune_scope", "quant", "quant_first_last")
 
 
 def chain(cfg, ctx):
@@ -41,7 +49,7 @@ def chain(cfg, ctx):
     if ctx.is_main:
         runs.check_save_root(cfg.save)
     state_path = os.path.join(cfg.save, STATE_FILE)
-    records = load_records(state_path, cfg.stage_list)
+    records = load_records(state_path, cfg.stage_spec)
     eta = ChainEta(cfg, say)
     t_start = time.perf_counter()
     teacher, done = None, []
@@ -49,6 +57,8 @@ def chain(cfg, ctx):
         stage = stage_config(cfg, i, teacher)
         record = records[i] if i < len(records) else None
         check_record(record, stage, i, state_path)
+        if stage.init_from:
+            name += " (compressed)"
         if record and record.get("finished"):
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}: finished before "
                 f"(best top-1 {record['best_top1']:.2f}%), skipped")
@@ -60,12 +70,12 @@ def chain(cfg, ctx):
             result = train_stage.train(stage, ctx, on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left))
             record = stage_record(stage, teacher, result)
             if ctx.is_main:
-                runs.write_json(state_path, {"stages_spec": cfg.stage_list, "stages": done + [record]})
+                runs.write_json(state_path, {"stages_spec": cfg.stage_spec, "stages": done + [record]})
             if result["stopped"]:
                 say("[chain] stopped; run the same command again to continue")
                 return result["exit_code"]
         done.append(record)
-        teacher = (name, record["checkpoint"])
+        teacher = (stage.model, record["checkpoint"])
     # Every rank evaluates its shard of the test set (the metrics are all-reduced); rank 0 reports.
     final = final_evaluation(stage, ctx, done[-1])
     if ctx.is_main:
@@ -86,6 +96,19 @@ def stage_config(cfg, i, teacher):
     stage.label_refinery_width_mult = cfg.width_mult if teacher else None
     stage.label_refinery_depth_mult = cfg.depth_mult if teacher else None
     stage.label_refinery_coslinear = cfg.coslinear
+    stage.init_from = None
+    compressing = cfg.compress_final and i == len(cfg.stage_list) - 1
+    if compressing:
+        # The final stage compresses the stage before it: its weights to start from, and its teacher.
+        stage.init_from = teacher[1]
+        stage.epochs = cfg.compress_epochs
+        stage.lr_regime = cfg.compress_lr_regime or format_regime(compression.fine_tune_regime(stage.epochs))
+        if stage.prune and not stage.prune_schedule:
+            stage.prune_schedule = compression.default_prune_span(stage.epochs)
+    else:
+        for k in COMPRESSION_SETTINGS:
+            setattr(stage, k, None)
+    del stage.compress_epochs, stage.compress_lr_regime, stage.compress_final, stage.stage_spec
     stage.resume = "auto"
     stage.given = sorted(k for k in vars(stage) if k not in ("argv", "given", "script"))
     stage.argv, stage.script = cfg.argv, "chain.py"
@@ -93,7 +116,7 @@ def stage_config(cfg, i, teacher):
 
 
 def stage_record(stage, teacher, result):
-    return {"model": stage.model, "teacher": teacher[0] if teacher else None,
+    return {"model": stage.model, "compressed": bool(stage.init_from), "teacher": teacher[0] if teacher else None,
             "teacher_checkpoint": teacher[1] if teacher else None, "folder": result["folder"],
             "checkpoint": os.path.join(result["folder"], "model_best.pytar") if result["folder"] else None,
             "identity": runs.identity(vars(stage)), "finished": not result["stopped"],
@@ -102,10 +125,13 @@ def stage_record(stage, teacher, result):
             "seconds": sum(r["seconds"] for r in result["history"])}
 
 
-def load_records(path, stage_list):
+def load_records(path, stage_spec):
+    """The recorded stages. A chain may grow (a compression stage added to a finished chain): the
+    recorded stages must be the first of this one's."""
     state = runs.read_json(path) or {}
-    if state.get("stages_spec") not in (None, stage_list):
-        raise errors.RunError(f"{path} belongs to a chain of stages {','.join(state['stages_spec'])}; use "
+    spec = state.get("stages_spec")
+    if spec is not None and spec != stage_spec[:len(spec)]:
+        raise errors.RunError(f"{path} belongs to a chain of stages {','.join(spec)}; use "
                               "another --save folder for a different chain")
     return state.get("stages", [])
 
@@ -143,8 +169,10 @@ class ChainEta:
         names = self.cfg.stage_list
         return 3.0 * self.madds(names[i]) + (self.madds(names[i - 1]) if i > 0 else 0.0)
 
-    def epochs(self, name):
-        return self.cfg.epochs or models.card(name).epochs
+    def epochs(self, j):
+        if self.cfg.compress_final and j == len(self.cfg.stage_list) - 1:
+            return self.cfg.compress_epochs
+        return self.cfg.epochs or models.card(self.cfg.stage_list[j]).epochs
 
     def samples_per_epoch(self):
         return data.copies(self.cfg.aug) * (self.cfg.train_limit or 50_000)
@@ -154,9 +182,9 @@ class ChainEta:
         if self.shown:
             return
         self.shown = True
-        later = sum(self.epochs(name) * self.samples_per_epoch() * self.stage_cost(j)
+        later = sum(self.epochs(j) * self.samples_per_epoch() * self.stage_cost(j)
                     / (images_per_s * self.stage_cost(i))
-                    for j, name in enumerate(self.cfg.stage_list) if j > i)
+                    for j in range(i + 1, len(self.cfg.stage_list)))
         left = stage_left_s + later
         self.say(f"[chain] ETA for the whole chain: {format_duration(left)} at the measured speed of stage "
                  f"{i + 1} ({images_per_s:.3g} img/s), scaled by each later model's cost")
@@ -169,18 +197,25 @@ def final_evaluation(stage, ctx, last):
     """Hard-label test accuracy of the final model_best.pytar (test.py's figures) and its count."""
     cfg = argparse.Namespace(**vars(stage))
     cfg.model = last["model"]
-    r, net, _ = evaluate_checkpoint(cfg, last["checkpoint"], ctx)
+    r, net, meta = evaluate_checkpoint(cfg, last["checkpoint"], ctx)
+    net = net.cpu().float().to(memory_format=torch.contiguous_format)
     # The original entry's counting conventions, as torchscope/count.py prints them by default.
-    counted = count_model(net.cpu().float().to(memory_format=torch.contiguous_format), mul_factor=0.5)
+    counted = count_model(net, mul_factor=0.5)
     scores = counted.scores()
-    return {"top1": r["top1"], "top5": r["top5"], "correct": r["correct"], "total": r["total"],
-            "params": counted.total_params, "madds": counted.madds(0.5), "madds_mf1": counted.madds(1.0),
-            "score": scores["freebie"]["score"], "score_full": scores["full"]["score"],
-            "reached_80": r["reached_80"]}
+    final = {"top1": r["top1"], "top5": r["top5"], "correct": r["correct"], "total": r["total"],
+             "params": counted.total_params, "madds": counted.madds(0.5), "madds_mf1": counted.madds(1.0),
+             "score": scores["freebie"]["score"], "score_full": scores["full"]["score"],
+             "reached_80": r["reached_80"]}
+    if meta.get("compression"):
+        # A compressed model is scored as the organisers count it: its bits and its masks.
+        micronet = count_model(net, rules="micronet", compression=meta["compression"]).scores()
+        final.update(compression=compress.summary(meta["compression"]),
+                     micronet_score=micronet["freebie"]["score"], micronet_score_full=micronet["full"]["score"])
+    return final
 
 
 def report(cfg, stages, final):
-    doc = {"stages": [{k: s[k] for k in ("model", "teacher", "teacher_checkpoint", "checkpoint",
+    doc = {"stages": [{k: s.get(k) for k in ("model", "compressed", "teacher", "teacher_checkpoint", "checkpoint",
                                          "epochs", "best_top1", "seconds")} for s in stages],
            "final": final}
     runs.write_json(os.path.join(cfg.save, "chain_report.json"), doc)
@@ -188,15 +223,19 @@ def report(cfg, stages, final):
              "| stage | model | teacher | epochs | best top-1 | minutes | checkpoint |",
              "|---|---|---|---|---|---|---|"]
     for i, s in enumerate(doc["stages"], 1):
-        lines.append(f"| {i} | {s['model']} | {s['teacher'] or '(hard labels)'} | {s['epochs']} | "
+        lines.append(f"| {i} | {s['model']}{' (compressed)' if s.get('compressed') else ''} | {s['teacher'] or '(hard labels)'} | {s['epochs']} | "
                      f"{s['best_top1']:.2f}% | {s['seconds'] / 60:.1f} | `{s['checkpoint']}` |")
     f = final
     lines += ["", f"## Final model: {stages[-1]['model']}", "",
               f"- test top-1 {f['top1']:.2f}% ({f['correct']}/{f['total']}), top-5 {f['top5']:.2f}%",
               f"- parameters {f['params']:,}; mult-adds {f['madds']:,.0f} (mul_factor 0.5), "
               f"{f['madds_mf1']:,.0f} (mul_factor 1)",
-              f"- MicroNet score {f['score']:.6f} (16-bit freebie), {f['score_full']:.5f} (no freebie)",
+              f"- MicroNet score {f['score']:.6f} (16-bit freebie), {f['score_full']:.5f} (no freebie)"
+              + (" under the original entry's counting, which ignores compression" if "compression" in f else ""),
               f"- 80% bar: {'reached' if f['reached_80'] else 'not reached'}"]
+    if "compression" in f:
+        lines.insert(-1, f"- compressed: {f['compression']}; MicroNet score under the challenge's rules "
+                         f"(--rules micronet) {f['micronet_score']:.6f} (freebie), {f['micronet_score_full']:.6f} (none)")
     runs.write_text_atomic(os.path.join(cfg.save, "chain_report.md"), "\n".join(lines) + "\n")
     problem = draw_chain_curves(os.path.join(cfg.save, "chain_curves.png"), stages)
     if problem:
@@ -236,6 +275,11 @@ def build_parser():
     p.description = __doc__.split("\n\n")[0]
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help="comma-separated models; each stage is refined by the one before it")
+    p.add_argument("--compress-epochs", type=positive_int, default=compression.FINE_TUNE_EPOCHS,
+                   help="epochs of the final compression stage (with --prune and/or --quant)")
+    p.add_argument("--compress-lr-regime", nargs="+", default=None, metavar="START END LR",
+                   help="the compression stage's LR regime (default: 0.007 while pruning, then 0.0007 "
+                        "and 0.00007)")
     p.set_defaults(save="checkpoints/chain")
     return p
 
@@ -249,6 +293,20 @@ def parse_args(argv=None):
     if not cfg.stage_list or unknown:
         parser.error(f"argument --stages: unknown model(s) {', '.join(unknown) or '(none given)'}; "
                      f"known models: {', '.join(models.names())}")
+    # A compression stage: the last model again, compressed (recorded as "MODEL+compressed").
+    cfg.compress_final = bool(cfg.prune or cfg.quant)
+    cfg.stage_spec = list(cfg.stage_list)
+    if cfg.compress_final:
+        cfg.stage_list.append(cfg.stage_list[-1])
+        cfg.stage_spec.append(cfg.stage_list[-1] + "+compressed")
+    if cfg.compress_lr_regime:
+        try:
+            cfg.compress_lr_regime = format_regime(parse_regime(cfg.compress_lr_regime))
+        except errors.ToolkitError as e:
+            parser.error(f"argument --compress-lr-regime: {e}")
+    if not cfg.compress_final and {"compress_epochs", "compress_lr_regime"} & set(cfg.given):
+        parser.error("--compress-epochs and --compress-lr-regime set the compression stage, which --prune "
+                     "SPARSITY and/or --quant W A add")
     return cfg
 
 

@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+import compress
 import errors
 from cli.args import add_data_args, add_model_args, positive_int, typed
 from cli.errors import run_main
@@ -24,6 +25,9 @@ def main(argv=None):
     r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta)
     trained = meta.get("epoch")
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
+    if meta.get("compression"):
+        r["compression"] = compress.summary(meta["compression"])
+        print(f"compressed: {r['compression']} (evaluated with its quantised numerics and masks)")
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
           f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
     if r["total"] == 10000:

@@ -27,10 +27,10 @@ import data
 import errors
 import models
 import refinery
-from cli.args import (add_data_args, add_model_args, given_flags, model_name, multiplier, nonneg_float,
-                      positive_int, probability, seed_int, str2bool, typed)
+from cli.args import (add_compression_args, add_data_args, add_model_args, check_compression_args, given_flags,
+                      model_name, multiplier, nonneg_float, positive_int, probability, seed_int, str2bool, typed)
 from cli.errors import run_main
-from engine import checkpoint, distributed, precise_bn, runs, speed
+from engine import checkpoint, compression, distributed, precise_bn, runs, speed
 from engine.evaluate import evaluate
 from engine.meter import Meter
 from engine.progress import Progress, format_duration
@@ -68,6 +68,8 @@ def train(args, ctx, on_epoch=None, on_speed=None):
     on_epoch(row) is called after each epoch on every rank; on_speed(images_per_s, run_left_s)
     once, with the early ETA (chain.py's whole-chain ETA)."""
     log = runs.RunLog(enabled=ctx.is_main)
+    if args.quant and args.compile is None:
+        args.compile = False  # torch.compile of the fake quantisers is untried: QAT runs eager unless asked
     speed.resolve(args, ctx.device)
     # From the first moment a signal stops cleanly; the run folder's lock goes with any exit.
     with StopRequest() as stop, runs.RunLock() as lock, log:
@@ -83,22 +85,30 @@ def train(args, ctx, on_epoch=None, on_speed=None):
             runs.check_save_root(args.save)
         seed_everything(args.seed)
         net = build_model(args, ctx)
+        init_note = compression.init_from(net, args.init_from) if args.init_from and saved is None else None
+        compression.quantise(net, args.quant, args.quant_first_last)  # before the optimizer, DDP, compile
         teacher = build_teacher(args, ctx)
         train_loader, test_loader = load_data(args, ctx, log)
         optimizer = speed.make_optimizer(net.parameters(), args, lr_at(regime, 1) * lr_factor)
+        pruner = compression.make_pruner(net, optimizer, args.prune, args.prune_schedule, args.prune_scope, epochs)
         scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
-        state = restore(saved, net, optimizer, scaler, folder) if saved else RunState()
+        state = restore(saved, net, optimizer, scaler, pruner, folder) if saved else RunState()
         check_position(state, ctx, len(train_loader), epochs, log)
 
         folder = open_folder(args, ctx, folder, lock, log)
-        saver = CheckpointSaver(folder, net, optimizer, scaler, args, ctx, log)
+        saver = CheckpointSaver(folder, net, optimizer, scaler, args, ctx, log, pruner)
         if saved is not None:  # a kill may have come between last.pytar and its derived files
             saver.refresh(state)
         criterion = make_criterion(args.coslinear, args.s, args.m, args.label_smoothing)
         describe_run(args, ctx, net, epochs, lr_factor, saved is not None, folder, log)
+        for line in (init_note, compression.describe(net, pruner)):
+            if line:
+                log(line)
         parts, eval_net, teacher_forward = make_step_parts(args, ctx, net, teacher, optimizer, scaler,
                                                            criterion, log)
         autocast = parts.autocast
+        # Quantised layers are evaluated in float32: their integer-grid numerics are exact only there.
+        eval_autocast = compression.eval_autocast(net, autocast)
         if teacher is not None:
             report_teacher(args, teacher_forward, test_loader, autocast, log)
         run = Run(args, ctx, log, saver, state, stop, epochs, test_loader.stop - test_loader.start,
@@ -110,14 +120,19 @@ def train(args, ctx, on_epoch=None, on_speed=None):
 
         for epoch in range(state.next_epoch, epochs + 1):
             lr = set_lr(optimizer, lr_at(regime, epoch) * lr_factor)
+            if pruner is not None:
+                pruner.step(epoch)  # the schedule's sparsity for this epoch (once: a resumed epoch keeps it)
             stats = train_one_epoch(parts, train_loader, epoch, epochs, run)
             if stats is None:  # stopped by a signal; last.pytar holds the position
                 return stopped(run)
             precise = precise_stats(run, net, train_loader, autocast)
             with precise_bn.overlay(net, precise):
-                test = evaluate(eval_net, test_loader, criterion, autocast, teacher=teacher_forward)
+                test = evaluate(eval_net, test_loader, criterion, eval_autocast, teacher=teacher_forward)
             row = epoch_row(epoch, lr, stats, test)
-            is_best = state.record(row, test)
+            if pruner is not None:
+                row["sparsity"] = pruner.sparsity()
+            # A pruned run's best is chosen among the epochs at the target sparsity only.
+            is_best = state.record(row, test, eligible=pruner is None or pruner.at_target())
             log(epoch_line(row, test, epochs, is_best) + (" | precise BN" if precise else ""))
             state.next_epoch, state.next_step, state.finished = epoch + 1, 0, epoch >= epochs
             saver.save_epoch(state, epoch, is_best, test, precise)
@@ -385,9 +400,10 @@ def epoch_row(epoch, lr, stats, test):
 
 def epoch_line(row, test, epochs, is_best):
     agreement = f" | agreement {row['test_agreement']:.1f}%" if "test_agreement" in row else ""
+    sparsity = f" | sparsity {100 * row['sparsity']:.1f}%" if "sparsity" in row else ""
     return (f"epoch {row['epoch']:3d}/{epochs} lr {row['lr']:.5g} | train loss {row['train_loss']:.4f} top-1 "
             f"{row['train_top1']:.2f}% | test loss {row['test_loss']:.4f} top-1 {row['test_top1']:.2f}% top-5 "
-            f"{row['test_top5']:.2f}% ({test['correct']}/{test['total']}){agreement} | "
+            f"{row['test_top5']:.2f}% ({test['correct']}/{test['total']}){agreement}{sparsity} | "
             f"{row['images_per_s']:.0f} img/s, {row['seconds']:.1f}s{' *best*' if is_best else ''}")
 
 
@@ -434,8 +450,9 @@ def inherit_run_args(args, saved, path):
             setattr(args, k, saved[k])
 
 
-def restore(saved, net, optimizer, scaler, folder):
+def restore(saved, net, optimizer, scaler, pruner, folder):
     checkpoint.fit_state_dict(net, saved["model"], folder)
+    compression.restore(net, pruner, saved, os.path.join(folder, "last.pytar"))
     optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(saved["scaler"])
@@ -599,9 +616,13 @@ def build_parser(stage_flags=True):
     g.add_argument("--refinery-bn", choices=refinery.BN_MODES, default="eval",
                    help="teacher BatchNorm: running statistics (eval) or the original entry's batch "
                         "statistics (train)")
+    add_compression_args(p)
     g = p.add_argument_group("run")
     g.add_argument("--save", default="checkpoints", help="root of the run folders")
     if stage_flags:
+        g.add_argument("--init-from", default=None, metavar="CHECKPOINT",
+                       help="start from these weights (a model_best.pytar of the same model), e.g. to "
+                            "prune and quantise a trained model; the optimizer starts afresh")
         g.add_argument("--resume", default=None, metavar="PATH|auto",
                        help="a run folder or its last.pytar, or auto: the newest run of these arguments "
                             "under --save (a finished one is reported, not retrained)")
@@ -639,6 +660,7 @@ def finish_args(parser, args, argv):
             args.lr_regime = format_regime(parse_regime(args.lr_regime))
         except errors.ToolkitError as e:
             parser.error(f"argument --lr-regime: {e}")
+    check_compression_args(parser, args)
     return args
 
 
@@ -646,8 +668,14 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = finish_args(parser, parser.parse_args(argv), argv)
+    if not args.lr_regime and args.init_from:
+        # Fine-tuning trained weights: a short regime at the original's lower LRs, not a whole run.
+        args.epochs = args.epochs or compression.FINE_TUNE_EPOCHS
+        args.lr_regime = format_regime(compression.fine_tune_regime(args.epochs))
     if not args.lr_regime:
         args.lr_regime = format_regime(models.card(args.model).lr_regime)
+    if args.prune and not args.prune_schedule:
+        args.prune_schedule = compression.default_prune_span(args.epochs or regime_end(parse_regime(args.lr_regime)))
     if args.label_refinery_state_file and not args.label_refinery_model:
         parser.error("--label-refinery-state-file needs --label-refinery-model NAME (the teacher's "
                      "architecture)")

@@ -5,6 +5,7 @@ import math
 import os
 
 import models
+from compress import BITS, BITS_TEXT
 
 SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit seed; numpy's is reduced modulo 2**32
 # Width and depth multipliers above 4 build models of hundreds of millions of parameters (memory
@@ -45,6 +46,50 @@ probability = typed(float, lambda x: 0 <= x < 1, "a number in [0, 1)")
 seed_int = typed(int, lambda n: 0 <= n <= SEED_MAX, f"an integer in 0..2^63-1 ({SEED_MAX})")
 multiplier = typed(float, lambda x: 0 < x <= MULT_MAX,
                    f"a number in (0, {MULT_MAX:g}] (larger models do not fit in memory)")
+
+
+sparsity = typed(float, lambda x: 0 < x < 1, "a sparsity in (0, 1), e.g. 0.5 for half the weights pruned")
+
+
+def bit_width(v):
+    """A quantisation width: 2..8 (simulated on the integer grid), or 16/32 (floating point)."""
+    return typed(int, lambda b: b in BITS, f"a bit width: {BITS_TEXT}")(v)
+
+
+def add_compression_args(p):
+    """--prune, --prune-schedule, --prune-scope, --quant, --quant-first-last (docs/compression.md)."""
+    g = p.add_argument_group("compression (docs/compression.md)")
+    g.add_argument("--prune", type=sparsity, default=None, metavar="SPARSITY",
+                   help="magnitude-prune conv, linear and head weights to this sparsity (e.g. 0.5), on the "
+                        "cubic schedule of Zhu & Gupta 2017")
+    g.add_argument("--prune-schedule", type=positive_int, nargs=2, default=None, metavar=("START", "END"),
+                   help="epochs over which the sparsity rises from 0 to --prune (default: 1 to two "
+                        "thirds of the run); the best checkpoint comes from epoch END on")
+    g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
+                   help="global: one magnitude threshold for all layers (default); layer: every layer "
+                        "pruned to the same sparsity")
+    g.add_argument("--quant", type=bit_width, nargs=2, default=None, metavar=("W", "A"),
+                   help="quantisation-aware training: weights to W bits (per output channel), the inputs "
+                        "of every conv and linear to A bits, e.g. 8 8 or 4 4")
+    g.add_argument("--quant-first-last", type=bit_width, nargs=2, default=None, metavar=("W", "A"),
+                   help="other widths for the first conv and the head (e.g. 8 8 with --quant 4 4)")
+    return g
+
+
+def check_compression_args(parser, args):
+    """Flags that only make sense together; fills --prune-scope's default when pruning."""
+    if args.quant_first_last and not args.quant:
+        parser.error("--quant-first-last needs --quant W A (the widths of the other layers)")
+    if not args.prune and (args.prune_schedule or args.prune_scope):
+        parser.error("--prune-schedule and --prune-scope need --prune SPARSITY")
+    if args.prune and args.prune_schedule and args.prune_schedule[1] < args.prune_schedule[0]:
+        parser.error(f"argument --prune-schedule: the span ends (epoch {args.prune_schedule[1]}) before it "
+                     f"starts (epoch {args.prune_schedule[0]})")
+    if args.prune and not args.prune_scope:
+        args.prune_scope = "global"
+    if args.quant and getattr(args, "activation_checkpointing", False):
+        parser.error("--activation-checkpointing cannot be used with --quant: recomputing a block would "
+                     "observe its input ranges twice")
 
 
 def model_name(v):

@@ -267,6 +267,8 @@ def quantize_layers(model, bits):
         if name not in bits:
             continue
         kind = L.kind_of(module)
+        if isinstance(module, Quantised) and (module.weight_bits, module.act_bits) == tuple(bits[name]):
+            continue  # already so: keeps its input quantiser (a resumed run loads its range into it)
         if kind is None:
             raise errors.ConfigError(f"layer {name} is a {type(module).__name__}, not a conv, linear or "
                                      "cosine layer: it cannot be quantised")

@@ -17,6 +17,7 @@ import zipfile
 
 import torch
 
+import compress
 import errors
 import models
 
@@ -177,10 +178,14 @@ def fit_state_dict(model, state, path, meta=None):
 
 
 def load_weights(model, path):
-    """Load model weights from any supported file into `model`; returns the file's metadata."""
+    """Load model weights from any supported file into `model`; returns the file's metadata. A
+    compressed checkpoint's record (bits, input ranges, masks) is applied: `model` then computes with
+    the quantised numerics it was trained with (its layers are replaced in place)."""
     obj = load_file(path)
     state, meta = state_dict_of(obj, path)
     fit_state_dict(model, state, path, meta)
+    if meta.get("compression") is not None:
+        compress.apply_record(model, meta["compression"], source=path)
     return meta
 
 

@@ -7,7 +7,7 @@ import data
 import models
 from loss import make_criterion
 
-from . import checkpoint, speed
+from . import checkpoint, compression, speed
 from .meter import Meter
 
 CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
@@ -45,13 +45,16 @@ def evaluate_checkpoint(cfg, path, ctx, tta=False):
 
     cfg holds model, coslinear, width_mult, depth_mult, s, amp, eval_batch_size, test_limit,
     data_dir and no_download (test.py's and train.py's settings of those names). Inference runs
-    as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU."""
+    as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU; a checkpoint with
+    quantised layers (its compression record) in fp32 everywhere, the numerics it was trained for."""
     fast = argparse.Namespace(amp=cfg.amp, channels_last=None, compile=False, fused_optimizer=None)
     speed.resolve(fast, ctx.device)
     fmt = speed.memory_format(fast)
     model = models.create(cfg.model, head=models.head_name(cfg.coslinear), width_mult=cfg.width_mult,
                           depth_mult=cfg.depth_mult)
     meta = checkpoint.load_weights(model, path)
+    if compression.exact_numerics(model):
+        fast.amp = "off"
     model.to(device=ctx.device, memory_format=fmt)
     images, labels = data.load_cifar100(cfg.data_dir, train=False, download=not cfg.no_download)
     images, labels = data.subset(images, labels, cfg.test_limit)

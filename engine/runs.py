@@ -26,7 +26,8 @@ IDENTITY_ARGS = ("model", "width_mult", "depth_mult", "coslinear", "s", "m", "la
                  "lr_regime", "batch_size", "momentum", "weight_decay", "seed", "aug", "train_limit",
                  "test_limit", "label_refinery_model", "label_refinery_state_file",
                  "label_refinery_width_mult", "label_refinery_depth_mult", "refinery_bn",
-                 "drop_connect", "dropout", "bn_momentum", "lr_scale", "sync_bn", "nan_policy")
+                 "drop_connect", "dropout", "bn_momentum", "lr_scale", "sync_bn", "nan_policy",
+                 "init_from", "prune", "prune_schedule", "prune_scope", "quant", "quant_first_last")
 
 # Not part of a run's identity, but a resume that does not give them keeps the run's values.
 INHERITED_ARGS = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "keep_epoch_states",
@@ -240,7 +241,8 @@ class RunLog:
 
 
 def write_metrics(folder, history, refined):
-    fields = METRIC_FIELDS + (REFINED_FIELDS if refined else ())
+    fields = METRIC_FIELDS + (REFINED_FIELDS if refined else ()) + \
+        (("sparsity",) if any("sparsity" in row for row in history) else ())
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     w.writeheader()

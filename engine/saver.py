@@ -16,7 +16,7 @@ import torch
 
 import models
 
-from . import checkpoint, distributed, runs
+from . import checkpoint, compression, distributed, runs
 
 
 def rng_state(device):
@@ -31,16 +31,21 @@ def set_rng_state(state, device):
 
 
 class CheckpointSaver:
-    def __init__(self, folder, net, optimizer, scaler, args, ctx, log):
+    def __init__(self, folder, net, optimizer, scaler, args, ctx, log, pruner=None):
         self.folder, self.net, self.optimizer, self.scaler = folder, net, optimizer, scaler
-        self.args, self.ctx, self.log = args, ctx, log
+        self.args, self.ctx, self.log, self.pruner = args, ctx, log, pruner
         self.refined = bool(args.label_refinery_model)
 
     def path(self, name):
         return os.path.join(self.folder, name)
 
     def training_state(self, state, eval_bn=None):
-        """The content of last.pytar."""
+        """The content of last.pytar; a compressed run's also holds its compression record (bits,
+        input ranges, masks) and the pruner's state."""
+        extra = {}
+        record = compression.record(self.net, self.pruner)
+        if record is not None:
+            extra = {"compression": record, "pruner": self.pruner.state_dict() if self.pruner else None}
         return checkpoint.with_checksum({
             "format": checkpoint.FORMAT,
             "model": checkpoint.bare_state(self.net),
@@ -57,6 +62,7 @@ class CheckpointSaver:
             # BatchNorm statistics of the last evaluation when they were recomputed (precise BN):
             # what test.py evaluates; "model" keeps the training statistics that a resume needs.
             "eval_bn": eval_bn or None,
+            **extra,
         })
 
     def save_recovery(self, state, meter, seconds):
@@ -76,11 +82,17 @@ class CheckpointSaver:
         if not self.ctx.is_main:
             return
         weights = {**checkpoint.bare_state(self.net), **(eval_bn or {})}
+        record = compression.record(self.net, self.pruner)
         if self.args.keep_epoch_states:
-            checkpoint.save_atomic(weights, self.path(f"model_state_{epoch:02}.pytar"))
+            # The original entry's bare state_dict; a compressed run's epoch states are wrapped, so
+            # that each carries the record it is evaluated and counted with.
+            epoch_file = weights if record is None else checkpoint.weights_file(
+                self.net, state=weights, epoch=epoch, test=test, compression=record)
+            checkpoint.save_atomic(epoch_file, self.path(f"model_state_{epoch:02}.pytar"))
         if is_best:
+            extra = {} if record is None else {"compression": record}
             checkpoint.save_atomic(checkpoint.weights_file(self.net, state=weights, epoch=epoch, test=test,
-                                                           args=self.args.model),
+                                                           args=self.args.model, **extra),
                                    self.path("model_best.pytar"))
         self._commit(state, eval_bn)
         self.refresh(state)

@@ -17,10 +17,11 @@ class RunState:
     world_size: int = 1
     finished: bool = False
 
-    def record(self, row, test):
-        """Add an epoch's row; returns whether its test top-1 is the best so far."""
+    def record(self, row, test, eligible=True):
+        """Add an epoch's row; returns whether its test top-1 is the best so far among the eligible
+        epochs (a pruned run's: those at the target sparsity)."""
         self.history.append(row)
-        is_best = self.best is None or test["top1"] > self.best["top1"]
+        is_best = eligible and (self.best is None or test["top1"] > self.best["top1"])
         if is_best:
             self.best = {"epoch": row["epoch"], "top1": test["top1"], "top5": test["top5"],
                          "correct": test["correct"], "total": test["total"]}

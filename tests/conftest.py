@@ -37,6 +37,19 @@ def cifar_dir(tmp_path_factory):
     return locate_cifar(tmp_path_factory)
 
 
+# The short real-data run of issue 11 (two epochs of 10,000 images, narrow ex, default flags): the
+# first-minutes test checks what it reports, the QAT test compares an 8-bit run of the same flags.
+SHORT_REAL = ["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mult", "0.34", "--epochs", "2",
+              "--lr-regime", "1", "2", "0.05", "--train-limit", "10000", "--aug", "standard", "--device", "cpu",
+              "--test-limit", "2000", "--no-download"]
+
+
+@pytest.fixture(scope="session")
+def short_real_run(cifar_dir, tmp_path_factory):
+    import train
+    return train.run([*SHORT_REAL, "--data_dir", cifar_dir, "--save", str(tmp_path_factory.mktemp("short_real"))])
+
+
 def write_cifar(root, train, test):
     folder = os.path.join(root, "cifar-100-python")
     os.makedirs(folder, exist_ok=True)

@@ -333,3 +333,20 @@ def test_sync_check_sees_only_the_per_interval_check(tmp_path, synthetic_dir, mo
     syncs = json.loads(out.read_text())["syncs"]
     stray = [k for k in syncs if k.startswith("tests/test_bench.py:")]
     assert len(stray) == 1 and syncs[stray[0]] == steps
+
+
+# ---------------------------------------------------------------- score_table.py
+
+def test_score_table_commands_and_table():
+    """The grid's train.py flags per cell, and the markdown table (rows: sparsity; columns: bits)."""
+    from bench import score_table
+    assert score_table.compression_flags(0.0, 32, 1) == []
+    assert score_table.compression_flags(0.5, 32, 30) == ["--prune", "0.5"]
+    assert score_table.compression_flags(0.75, 4, 1) == ["--prune", "0.75", "--prune-schedule", "1", "1",
+                                                          "--quant", "4", "4"]
+    assert score_table.compression_flags(0.0, 16, 1) == ["--quant", "16", "16"]
+    cells = [{"sparsity": s, "bits": b, "score_freebie": s + b / 1000, "score_none": 2 * (s + b / 1000)}
+             for s in score_table.SPARSITIES for b in score_table.BITS]
+    lines = score_table.markdown(cells).splitlines()
+    assert lines[0] == "| sparsity \\ bits (W/A) | 32 | 16 | 8 | 4 |" and len(lines) == 5
+    assert lines[3] == "| 50% | 0.5320 / 1.0640 | 0.5160 / 1.0320 | 0.5080 / 1.0160 | 0.5040 / 1.0080 |"

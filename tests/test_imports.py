@@ -23,7 +23,7 @@ ALLOWED = {
     "torchscope": set(),
     "torchscope.command": {"errors", "models", "loss", "data", "refinery", "compress", "engine", "cli",
                            "torchscope"},
-    "cli": {"errors", "models", "data"},
+    "cli": {"errors", "models", "data", "compress"},
 }
 PARTS = ("errors", "models", "loss", "data", "refinery", "compress", "engine", "torchscope", "cli", "bench",
          "train", "test", "chain")

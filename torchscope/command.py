@@ -27,7 +27,7 @@ import models
 import torchscope
 from cli.args import add_model_args, positive_int, typed
 from cli.errors import run_main
-from engine.checkpoint import fit_state_dict, load_file, state_dict_of
+from engine.checkpoint import load_weights
 from torchscope import text
 from torchscope.rules import ruleset_name
 
@@ -108,15 +108,8 @@ def build_model(args):
 def load_state(model, path):
     """Load the weights of `path` into `model`; a compression record in the file is validated and
     applied (quantised layers, masks). Returns the record, or None."""
-    obj = load_file(path)
-    state, meta = state_dict_of(obj, path)
-    fit_state_dict(model, state, path, meta)
-    record = meta.get("compression") if isinstance(meta, dict) else None
-    if record is None:
-        return None
-    import compress  # only for compressed files: plain counts need nothing past the counter
-    compress.apply_record(model, record, source=path)
-    return record
+    meta = load_weights(model, path)
+    return meta.get("compression") if isinstance(meta, dict) else None
 
 
 def run_count(model, args, record=None):

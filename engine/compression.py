@@ -1,0 +1,125 @@
+"""Compression inside a training run (the `compress` package, docs/compression.md): the student
+quantised before the optimizer, DDP or torch.compile see it; the pruner attached to the optimizer
+and stepped at each epoch's start; both restored on resume; and the record the checkpoints carry.
+
+A dense run (no pruning, no quantisation) stores nothing of this: its files are as before.
+"""
+import contextlib
+import math
+import os
+
+import compress
+import errors
+
+from . import checkpoint
+
+
+# A fine-tuning run (one started from trained weights, e.g. to compress them) lasts this many epochs
+# unless told otherwise.
+FINE_TUNE_EPOCHS = 30
+
+
+def fine_tune_regime(epochs, lr=0.007):
+    """The LR regime of a fine-tuning run of `epochs`: the original regime's second LR (0.007) while
+    the pruning span runs (default_prune_span), then a tenth and a hundredth of it for the rest, as
+    the original regime ends. Triples (start, end, lr)."""
+    span_end = default_prune_span(epochs)[1]
+    if span_end >= epochs:
+        return ((1, epochs, lr),)
+    mid = span_end + max(1, (epochs - span_end) // 2)
+    phases = [(1, span_end, lr), (span_end + 1, mid, round(lr / 10, 12))]
+    if mid < epochs:
+        phases.append((mid + 1, epochs, round(lr / 100, 12)))
+    return tuple(phases)
+
+
+def default_prune_span(epochs):
+    """Prune over the first two thirds of the run, from epoch 1, then train at the target sparsity
+    for the last third (Zhu & Gupta prune early and let the rest of training recover)."""
+    return [1, max(1, math.ceil(2 * epochs / 3))]
+
+
+def quantise(net, quant, first_last=None):
+    """Fake-quantise `net` in place for QAT when `quant` is a (weight bits, activation bits) pair;
+    `first_last` gives the stem conv and the head their own pair."""
+    if quant:
+        compress.quantize(net, quant[0], quant[1], first_last_bits=tuple(first_last) if first_last else None)
+    return net
+
+
+def make_pruner(net, optimizer, target, span, scope, epochs):
+    """The run's pruner (None without a target), attached to the optimizer. The span must end by the
+    last epoch: the best checkpoint is chosen among epochs at the target sparsity."""
+    if not target:
+        return None
+    start, end = span
+    if end > epochs:
+        raise errors.ConfigError(f"the pruning span ends at epoch {end}, after the run's last epoch {epochs}; "
+                                 f"end it by epoch {epochs} (the best checkpoint is chosen among epochs that "
+                                 "reached the target sparsity)", setting="prune_schedule")
+    schedule = compress.PruneSchedule(target, int(start), int(end))
+    return compress.Pruner(net, schedule, scope=scope).attach(optimizer)
+
+
+def is_compressed(net, pruner):
+    return pruner is not None or bool(compress.quantised_layers(net))
+
+
+def record(net, pruner):
+    """The compression record the checkpoints carry, or None for a dense run."""
+    return compress.record(net, pruner) if is_compressed(net, pruner) else None
+
+
+def restore(net, pruner, saved, path):
+    """A resumed run's input ranges (from the record in last.pytar) and masks (its pruner state).
+    The model is already quantised with the run's own bits, so its layers are kept as they are."""
+    rec = saved.get("compression")
+    if rec is not None:
+        compress.apply_record(net, rec, source=path)
+    if pruner is not None:
+        if not saved.get("pruner"):
+            raise errors.CheckpointError(f"{path} holds no pruning state, but this run prunes; resume it "
+                                         "with the settings it was started with")
+        pruner.load_state_dict(saved["pruner"], source=path)
+
+
+def exact_numerics(net):
+    """Whether evaluation must run in float32: integer-grid layers (2..8 bits) are exact only without
+    autocast (bf16 cannot hold every product of a grid value and its scale)."""
+    return any(m.weight_bits in compress.INT_BITS or m.act_bits in compress.INT_BITS
+               for m in compress.quantised_layers(net).values())
+
+
+def eval_autocast(net, autocast):
+    return contextlib.nullcontext() if exact_numerics(net) else autocast
+
+
+def init_from(net, path):
+    """Start a run from trained weights (fine-tuning, e.g. to compress them): the weights only, with
+    the BatchNorm statistics they were evaluated with. The optimizer state and the compression record
+    of the source are not carried over. Returns a line for the log."""
+    if not os.path.isfile(path):
+        raise errors.CheckpointError(f"{path} does not exist; give the model_best.pytar of a trained "
+                                     "model to start from", setting="init_from")
+    obj = checkpoint.load_file(path)
+    state, meta = checkpoint.state_dict_of(obj, path)
+    checkpoint.fit_state_dict(net, state, path, meta)
+    rec = meta.get("compression") if isinstance(meta, dict) else None
+    what = f" (its compression, {compress.summary(rec)}, is not carried over)" if rec else ""
+    epoch = meta.get("epoch") if isinstance(meta, dict) else None
+    return f"initialised from {path}" + (f" (epoch {epoch})" if epoch else "") + what
+
+
+def describe(net, pruner):
+    """One log line for a compressed run, or None."""
+    parts = []
+    q = compress.quantised_layers(net)
+    if q:
+        widths = sorted({(m.weight_bits, m.act_bits) for m in q.values()}, reverse=True)
+        parts.append("QAT " + ", ".join(f"W{w}/A{a} x{sum(1 for m in q.values() if (m.weight_bits, m.act_bits) == (w, a))}"
+                                         for w, a in widths))
+    if pruner is not None:
+        s = pruner.schedule
+        parts.append(f"pruning to {100 * s.target:g}% ({pruner.scope} scope) over epochs {s.start_epoch}..{s.end_epoch}, "
+                     f"{len(pruner.params)} layers")
+    return "compression: " + "; ".join(parts) if parts else None
