@@ -103,8 +103,6 @@ def stage_config(cfg, i, teacher):
         stage.init_from = teacher[1]
         stage.epochs = cfg.compress_epochs
         stage.lr_regime = cfg.compress_lr_regime or format_regime(compression.fine_tune_regime(stage.epochs))
-        if stage.prune and not stage.prune_schedule:
-            stage.prune_schedule = compression.default_prune_span(stage.epochs)
     else:
         for k in COMPRESSION_SETTINGS:
             setattr(stage, k, None)
@@ -304,6 +302,9 @@ def parse_args(argv=None):
             cfg.compress_lr_regime = format_regime(parse_regime(cfg.compress_lr_regime))
         except errors.ToolkitError as e:
             parser.error(f"argument --compress-lr-regime: {e}")
+    if cfg.prune_schedule and cfg.prune_schedule[1] > cfg.compress_epochs:
+        parser.error(f"argument --prune-schedule: the span ends at epoch {cfg.prune_schedule[1]}, after the "
+                     f"compression stage's last epoch {cfg.compress_epochs} (--compress-epochs)")
     if not cfg.compress_final and {"compress_epochs", "compress_lr_regime"} & set(cfg.given):
         parser.error("--compress-epochs and --compress-lr-regime set the compression stage, which --prune "
                      "SPARSITY and/or --quant W A add")

@@ -68,13 +68,12 @@ def train(args, ctx, on_epoch=None, on_speed=None):
     on_epoch(row) is called after each epoch on every rank; on_speed(images_per_s, run_left_s)
     once, with the early ETA (chain.py's whole-chain ETA)."""
     log = runs.RunLog(enabled=ctx.is_main)
-    if args.quant and args.compile is None:
-        args.compile = False  # torch.compile of the fake quantisers is untried: QAT runs eager unless asked
-    speed.resolve(args, ctx.device)
     # From the first moment a signal stops cleanly; the run folder's lock goes with any exit.
     with StopRequest() as stop, runs.RunLock() as lock, log:
         folder, saved = find_resume(args, ctx, log, lock)
-        regime = parse_regime(args.lr_regime)
+        compression.check_settings(args)  # with the saved run's settings inherited
+        speed.resolve(args, ctx.device)
+        regime = run_regime(args)
         epochs = args.epochs or regime_end(regime)
         if saved is not None and saved["train"]["next_epoch"] > epochs:
             return already_finished(ctx, folder, saved, log)
@@ -90,9 +89,11 @@ def train(args, ctx, on_epoch=None, on_speed=None):
         teacher = build_teacher(args, ctx)
         train_loader, test_loader = load_data(args, ctx, log)
         optimizer = speed.make_optimizer(net.parameters(), args, lr_at(regime, 1) * lr_factor)
-        pruner = compression.make_pruner(net, optimizer, args.prune, args.prune_schedule, args.prune_scope, epochs)
+        pruner = compression.make_pruner(net, optimizer, args.prune, args.prune_schedule or
+                                         compression.default_prune_span(epochs), args.prune_scope)
         scaler = torch.amp.GradScaler("cuda", enabled=args.amp == "fp16")
         state = restore(saved, net, optimizer, scaler, pruner, folder) if saved else RunState()
+        compression.check_span(pruner, epochs, "prune_schedule" if "prune_schedule" in args.given else "epochs")
         check_position(state, ctx, len(train_loader), epochs, log)
 
         folder = open_folder(args, ctx, folder, lock, log)
@@ -100,7 +101,8 @@ def train(args, ctx, on_epoch=None, on_speed=None):
         if saved is not None:  # a kill may have come between last.pytar and its derived files
             saver.refresh(state)
         criterion = make_criterion(args.coslinear, args.s, args.m, args.label_smoothing)
-        describe_run(args, ctx, net, epochs, lr_factor, saved is not None, folder, log)
+        regime_text = format_regime(regime) + (f" x{lr_factor}" if lr_factor != 1 else "")
+        describe_run(args, ctx, net, epochs, regime_text, saved is not None, folder, log)
         for line in (init_note, compression.describe(net, pruner)):
             if line:
                 log(line)
@@ -299,6 +301,15 @@ def sync(device):
 
 # ----------------------------------------------------------------------------- set-up
 
+def run_regime(args):
+    """The LR regime: the given or the model's own; a run started from trained weights (--init-from)
+    without one fine-tunes (engine.compression.fine_tune_regime over --epochs, 30 by default). Derived
+    here, after a resumed run's --epochs was inherited, so that it stays out of the run's identity."""
+    if args.lr_regime:
+        return parse_regime(args.lr_regime)
+    return compression.fine_tune_regime(args.epochs or compression.FINE_TUNE_EPOCHS)
+
+
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -379,12 +390,12 @@ def report_teacher(args, teacher_forward, test_loader, autocast, log):
         f"{t['top1']:.2f}% ({t['correct']}/{t['total']}), BatchNorm {args.refinery_bn} mode")
 
 
-def describe_run(args, ctx, net, epochs, lr_factor, resumed, folder, log):
+def describe_run(args, ctx, net, epochs, regime_text, resumed, folder, log):
     n_params = sum(p.numel() for p in net.parameters())
     head = f"cosine head, s={args.s:g} m={args.m:g}" if args.coslinear else "linear head"
     log(f"{'resuming' if resumed else 'run'} {folder}")
     log(f"model {args.model} (width {net.width_mult:g}, depth {net.depth_mult:g}, {head}), {n_params:,} "
-        f"parameters; {epochs} epochs, LR regime {args.lr_regime}{f' x{lr_factor}' if lr_factor != 1 else ''}")
+        f"parameters; {epochs} epochs, LR regime {regime_text}")
     log(f"device {ctx.device} x{ctx.world_size} rank(s), batch {args.batch_size}/rank, amp {args.amp}, "
         f"channels_last {args.channels_last}, compile {args.compile}, fused SGD {args.fused_optimizer}")
 
@@ -494,6 +505,10 @@ def already_finished(ctx, folder, saved, log):
         runs.remove_temporaries(folder)
         write_derived(folder, state, bool(saved["args"].get("label_refinery_model")), log)
     b = state.best
+    if b is None:  # a pruned run whose epochs ended before its target sparsity (no eligible epoch)
+        raise errors.RunError(f"the run {folder} trained every epoch asked for without reaching its target "
+                              "sparsity, so it has no best checkpoint; resume it with more epochs (to the "
+                              "end of its pruning span at least)")
     log(f"the run {folder} is already finished: best test top-1 {b['top1']:.2f}% ({b['correct']}/{b['total']}) "
         f"at epoch {b['epoch']}; {os.path.join(folder, 'model_best.pytar')}")
     return {"folder": folder, "best": b, "history": state.history, "stopped": False, "exit_code": 0}
@@ -668,14 +683,8 @@ def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = finish_args(parser, parser.parse_args(argv), argv)
-    if not args.lr_regime and args.init_from:
-        # Fine-tuning trained weights: a short regime at the original's lower LRs, not a whole run.
-        args.epochs = args.epochs or compression.FINE_TUNE_EPOCHS
-        args.lr_regime = format_regime(compression.fine_tune_regime(args.epochs))
-    if not args.lr_regime:
+    if not args.lr_regime and not args.init_from:  # fine-tuning runs derive theirs (run_regime)
         args.lr_regime = format_regime(models.card(args.model).lr_regime)
-    if args.prune and not args.prune_schedule:
-        args.prune_schedule = compression.default_prune_span(args.epochs or regime_end(parse_regime(args.lr_regime)))
     if args.label_refinery_state_file and not args.label_refinery_model:
         parser.error("--label-refinery-state-file needs --label-refinery-model NAME (the teacher's "
                      "architecture)")

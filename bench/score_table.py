@@ -9,7 +9,8 @@ torchscope/count.py --rules micronet, with the commands the README documents.
 The counts (and so the scores) depend on the architecture, the bits and the masks, not on how long
 the runs trained; accuracy does. --epochs and --train-limit make short runs that give the table's
 counts on a CPU; a real table of accuracies needs full runs on a GPU (the README says which).
-Writes the table (markdown) and every figure (JSON) under --out.
+Writes the table (table.md), the scores (score-table.json) and the commands (commands.log) under
+--out; each cell's run folder and full count (CELL/count.json) stay beside them, out of git.
 """
 import argparse
 import json
@@ -95,7 +96,8 @@ def main(argv=None):
                 ckpt = os.path.join(newest_run(save), "model_best.pytar")
                 with open(os.path.join(newest_run(save), "status.json")) as f:
                     top1 = json.load(f)["best"]["top1"]
-            counted = score(ckpt, os.path.join(args.out, f"{name}.json"), log)
+            os.makedirs(os.path.join(args.out, name), exist_ok=True)
+            counted = score(ckpt, os.path.join(args.out, name, "count.json"), log)
             cells.append({"sparsity": sparsity, "bits": bits, "checkpoint": os.path.relpath(ckpt, common.ROOT),
                           "short_run_top1": top1,
                           "score_freebie": counted["scores"]["freebie"]["score"],
@@ -119,7 +121,7 @@ def markdown(cells):
     for s in SPARSITIES:
         row = [c for c in cells if c["sparsity"] == s]
         lines.append(f"| {int(100 * s)}% | " + " | ".join(
-            f"{c['score_freebie']:.4f} / {c['score_none']:.4f}" for c in sorted(row, key=lambda c: -c["bits"])) + " |")
+            f"{c['score_freebie']:.6f} / {c['score_none']:.6f}" for c in sorted(row, key=lambda c: -c["bits"])) + " |")
     return "\n".join(lines) + "\n"
 
 

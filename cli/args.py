@@ -87,9 +87,6 @@ def check_compression_args(parser, args):
                      f"starts (epoch {args.prune_schedule[0]})")
     if args.prune and not args.prune_scope:
         args.prune_scope = "global"
-    if args.quant and getattr(args, "activation_checkpointing", False):
-        parser.error("--activation-checkpointing cannot be used with --quant: recomputing a block would "
-                     "observe its input ranges twice")
 
 
 def model_name(v):

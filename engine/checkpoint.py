@@ -93,8 +93,10 @@ def load_file(path, mmap=False):
                                      "truncated or corrupt: use another file") from None
     except PermissionError:
         raise errors.CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
-    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError) as e:
-        raise errors.CheckpointError(f"{path} is not a readable checkpoint ({_short(e)}); it may be "
+    except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
+        # KeyError/IndexError: torch's legacy (non-zip) reader on bytes that are no pickle at all.
+        detail = "not a PyTorch file" if isinstance(e, (KeyError, IndexError)) else _short(e)
+        raise errors.CheckpointError(f"{path} is not a readable checkpoint ({detail}); it may be "
                                      "truncated or corrupt: use another file") from None
     if isinstance(obj, dict) and obj.get("format") == FORMAT and "checksum" in obj:
         if checksum(obj) != obj["checksum"]:

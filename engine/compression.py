@@ -47,18 +47,32 @@ def quantise(net, quant, first_last=None):
     return net
 
 
-def make_pruner(net, optimizer, target, span, scope, epochs):
-    """The run's pruner (None without a target), attached to the optimizer. The span must end by the
-    last epoch: the best checkpoint is chosen among epochs at the target sparsity."""
+def check_settings(args):
+    """Settings that QAT changes or refuses (called once a resumed run's settings are inherited)."""
+    if args.quant and args.activation_checkpointing:
+        raise errors.ConfigError("recomputing each block in the backward pass cannot be combined with "
+                                 "quantisation-aware training: it would observe the block's input ranges twice",
+                                 setting="activation_checkpointing")
+    if args.quant and args.compile is None:
+        args.compile = False  # torch.compile of the fake quantisers is untried: QAT runs eager unless asked
+
+
+def make_pruner(net, optimizer, target, span, scope):
+    """The run's pruner (None without a target) on the cubic schedule over `span` (start, end),
+    attached to the optimizer."""
     if not target:
         return None
-    start, end = span
-    if end > epochs:
-        raise errors.ConfigError(f"the pruning span ends at epoch {end}, after the run's last epoch {epochs}; "
-                                 f"end it by epoch {epochs} (the best checkpoint is chosen among epochs that "
-                                 "reached the target sparsity)", setting="prune_schedule")
-    schedule = compress.PruneSchedule(target, int(start), int(end))
+    schedule = compress.PruneSchedule(target, int(span[0]), int(span[1]))
     return compress.Pruner(net, schedule, scope=scope).attach(optimizer)
+
+
+def check_span(pruner, epochs, setting):
+    """The pruning span must end by the last epoch: the best checkpoint is chosen among the epochs at
+    the target sparsity, so a run that never reaches it would have none."""
+    if pruner is not None and pruner.schedule.end_epoch > epochs:
+        raise errors.ConfigError(f"the pruning span ends at epoch {pruner.schedule.end_epoch}, after the run's "
+                                 f"last epoch {epochs}; end it by epoch {epochs} (the best checkpoint is chosen "
+                                 "among the epochs that reached the target sparsity)", setting=setting)
 
 
 def is_compressed(net, pruner):
@@ -81,6 +95,8 @@ def restore(net, pruner, saved, path):
             raise errors.CheckpointError(f"{path} holds no pruning state, but this run prunes; resume it "
                                          "with the settings it was started with")
         pruner.load_state_dict(saved["pruner"], source=path)
+        # The schedule the run started with (a default span follows --epochs, which a resume may change).
+        pruner.schedule = compress.PruneSchedule.from_state(saved["pruner"]["schedule"])
 
 
 def exact_numerics(net):
@@ -101,9 +117,13 @@ def init_from(net, path):
     if not os.path.isfile(path):
         raise errors.CheckpointError(f"{path} does not exist; give the model_best.pytar of a trained "
                                      "model to start from", setting="init_from")
-    obj = checkpoint.load_file(path)
-    state, meta = checkpoint.state_dict_of(obj, path)
-    checkpoint.fit_state_dict(net, state, path, meta)
+    try:
+        obj = checkpoint.load_file(path)
+        state, meta = checkpoint.state_dict_of(obj, path)
+        checkpoint.fit_state_dict(net, state, path, meta)
+    except errors.CheckpointError as e:
+        e.setting = "init_from"  # the message names the file; the setting names the flag to change
+        raise
     rec = meta.get("compression") if isinstance(meta, dict) else None
     what = f" (its compression, {compress.summary(rec)}, is not carried over)" if rec else ""
     epoch = meta.get("epoch") if isinstance(meta, dict) else None

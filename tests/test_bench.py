@@ -349,4 +349,5 @@ def test_score_table_commands_and_table():
              for s in score_table.SPARSITIES for b in score_table.BITS]
     lines = score_table.markdown(cells).splitlines()
     assert lines[0] == "| sparsity \\ bits (W/A) | 32 | 16 | 8 | 4 |" and len(lines) == 5
-    assert lines[3] == "| 50% | 0.5320 / 1.0640 | 0.5160 / 1.0320 | 0.5080 / 1.0160 | 0.5040 / 1.0080 |"
+    assert lines[3] == ("| 50% | 0.532000 / 1.064000 | 0.516000 / 1.032000 | 0.508000 / 1.016000 | "
+                        "0.504000 / 1.008000 |")

@@ -119,15 +119,16 @@ def test_count_py_scores_the_compressed_checkpoint_below_the_dense_model(compres
     with contextlib.redirect_stdout(out):
         count_command.main(["--rules", "micronet", "--width-mult", "0.1", "--depth-mult", "0.1",
                             "--model-state-file", path, "--json", os.path.join(compressed_run["folder"], "c.json")])
-    scores = json.load(open(os.path.join(compressed_run["folder"], "c.json")))
+    scores = json.load(open(os.path.join(compressed_run["folder"], "c.json")))["scores"]
     dense = torchscope.count(plain_model(), rules="micronet").scores()
     record = checkpoint.load_file(path)["compression"]
     direct = torchscope.count(compress.apply_record(load_plain(path), record), rules="micronet",
                               compression=record).scores()
-    assert "Sparse weight tensors" in out.getvalue()
-    got = json.dumps(scores)
-    assert f"{direct['freebie']['score']:.6f}"[:7] in out.getvalue()
-    assert direct["freebie"]["score"] < 0.5 * dense["freebie"]["score"], got
+    assert "Sparse weight tensors" in out.getvalue() and "Compression record: W8/A8" in out.getvalue()
+    for convention in ("freebie", "full"):
+        assert scores[convention]["score"] == pytest.approx(direct[convention]["score"], rel=1e-12)
+        # 8-bit weights and inputs and half the weights gone: well under half the dense score.
+        assert scores[convention]["score"] < 0.5 * dense[convention]["score"], (scores, dense)
 
 
 def load_plain(path):
@@ -195,7 +196,7 @@ def test_a_crafted_compressed_checkpoint_is_one_line(compressed_run, tmp_path, c
     (["--quant-first-last", "8", "8"], "--quant-first-last needs --quant W A"),
     (["--prune-scope", "layer"], "--prune-schedule and --prune-scope need --prune SPARSITY"),
     (["--prune", "0.5", "--prune-schedule", "3", "2"], "the span ends (epoch 2) before it starts (epoch 3)"),
-    (["--quant", "8", "8", "--activation-checkpointing"], "--activation-checkpointing cannot be used with --quant"),
+    (["--quant", "8", "8", "--activation-checkpointing"], "--activation-checkpointing: recomputing each block"),
 ])
 def test_bad_compression_flags_are_one_line(capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
@@ -203,6 +204,7 @@ def test_bad_compression_flags_are_one_line(capsys, flags, needle):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err), err
+    assert sum("error" in line for line in err) == 1, err  # argparse's usage lines, then one error line
 
 
 def test_a_pruning_span_past_the_last_epoch_is_refused_before_any_run(tmp_path, synthetic_dir, capsys):
@@ -227,30 +229,58 @@ def test_fine_tune_defaults():
     assert compression.fine_tune_regime(30) == ((1, 20, 0.007), (21, 25, 0.0007), (26, 30, 0.00007))
     assert compression.default_prune_span(30) == [1, 20]
     assert compression.fine_tune_regime(1) == ((1, 1, 0.007),)
+    # Derived when the run starts (after a resume inherited --epochs), so they stay out of its identity.
     args = train.parse_args(["--init-from", "x.pytar", "--prune", "0.5"])
-    assert args.epochs == 30 and args.lr_regime == "1 20 0.007 21 25 0.0007 26 30 7e-05"
-    assert args.prune_schedule == [1, 20] and args.prune_scope == "global"
+    assert args.lr_regime is None and args.prune_schedule is None and args.prune_scope == "global"
+    assert train.run_regime(args) == compression.fine_tune_regime(30)
+    args = train.parse_args(["--init-from", "x.pytar", "--epochs", "6"])
+    assert train.run_regime(args) == ((1, 4, 0.007), (5, 5, 0.0007), (6, 6, 0.00007))
+    assert train.run_regime(train.parse_args(["--model", "efficientnet_b0"])) == models.UCI_REGIME
+
+
+def test_resume_auto_of_a_pruned_run_with_more_epochs_continues_it_on_its_schedule(tmp_path, synthetic_dir):
+    """The default span follows --epochs; a resumed run keeps the schedule it started with."""
+    first = train.run(quick(synthetic_dir, tmp_path, "--epochs", 1, "--lr-regime", 1, 3, 0.05, "--prune", 0.5))
+    more = train.run(quick(synthetic_dir, tmp_path, "--epochs", 2, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
+                           "--resume", "auto"))
+    assert more["folder"] == first["folder"] and [h["epoch"] for h in more["history"]] == [1, 2]
+    last = checkpoint.load_file(os.path.join(more["folder"], "last.pytar"))
+    assert last["pruner"]["schedule"]["end_epoch"] == 1  # two thirds of 1 epoch, as it started
+    assert [h["sparsity"] for h in last["history"]] == [pytest.approx(0.5, abs=1e-4)] * 2
+    assert more["best"]["epoch"] in (1, 2)
+
+
+def test_init_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, synthetic_dir, capsys):
+    junk = tmp_path / "junk.pytar"
+    junk.write_text("hello\n")
+    with pytest.raises(SystemExit):
+        run_main(train.main, quick(synthetic_dir, tmp_path, "--init-from", junk, "--quant", 8, 8))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --init-from: {junk} is not a readable checkpoint (not a PyTorch file); it may be "
+                   "truncated or corrupt: use another file"]
 
 
 # ----------------------------------------------------------------------------- kill and resume
 
 @pytest.mark.slow
 def test_a_killed_compressed_run_resumes_bit_exact(tmp_path, synthetic_dir):
-    """SIGKILL (os._exit) just after the first mid-epoch last.pytar, and just before epoch 1's
-    model_state file: `--resume auto` ends with the uninterrupted run's weights, masks and input
-    ranges, and the pruned weights still zero."""
+    """SIGKILL (os._exit) just after epoch 1's last.pytar (the resumed run prunes at epoch 2's start)
+    and just after epoch 2's mid-epoch one (it resumes with 50% masks): `--resume auto` ends with the
+    uninterrupted run's weights, masks and input ranges, and the pruned weights still zero."""
     from test_crash import killed_run, uninterrupted
-    flags = ["--epochs", 2, "--lr-regime", 1, 2, 0.05, "--checkpoint-every", 2, "--prune", 0.5,
+    flags = ["--epochs", 3, "--lr-regime", 1, 3, 0.05, "--checkpoint-every", 2, "--prune", 0.5,
              "--prune-schedule", 1, 2, "--quant", 4, 8, "--resume", "auto"]
     uninterrupted("train.py", quick(synthetic_dir, tmp_path / "ref", *flags), tmp_path / "renames.txt")
     ref = checkpoint.load_file(os.path.join(run_dir(tmp_path / "ref"), "last.pytar"))
-    for name, when in (("last.pytar", "after"), ("model_state_01.pytar", "before")):
-        save = tmp_path / f"{name}-{when}"
+    for nth in (2, 3):
+        save = tmp_path / f"kill-{nth}"
         argv = quick(synthetic_dir, save, *flags)
-        p = killed_run("train.py", argv, KILL_FILE=name, KILL_NTH=1, KILL_WHEN=when)
+        p = killed_run("train.py", argv, KILL_FILE="last.pytar", KILL_NTH=nth, KILL_WHEN="after")
         assert p.returncode == 137, p.stdout + p.stderr
+        killed = checkpoint.load_file(os.path.join(run_dir(save), "last.pytar"))
+        assert (killed["train"]["next_epoch"], killed["train"]["next_step"]) == ((2, 0) if nth == 2 else (2, 2))
         r = train.run(argv)
-        assert r["exit_code"] == 0 and [h["epoch"] for h in r["history"]] == [1, 2]
+        assert r["exit_code"] == 0 and [h["epoch"] for h in r["history"]] == [1, 2, 3]
         got = checkpoint.load_file(os.path.join(r["folder"], "last.pytar"))
         assert_same_weights(ref["model"], got["model"])
         assert_same_weights(ref["pruner"]["masks"], got["pruner"]["masks"])
