@@ -331,19 +331,23 @@ def test_chain_adds_a_compression_stage_to_a_finished_chain(tmp_path, synthetic_
 
 @pytest.mark.slow
 def test_8bit_qat_on_real_data_stays_within_2_points_of_the_same_fp32_run(short_real_run, cifar_dir, tmp_path):
-    """The short real-data run of issue 11 (narrow ex, 2 epochs of 10,000 images; conftest), and the
-    same flags with --quant 8 8. Calibrated on this machine: 9.75% fp32, QAT_CALIBRATION. test.py
-    reproduces the QAT run's figure with the quantised numerics."""
+    """The short real-data run of issue 11 (narrow ex, 2 epochs of 10,000 images at LR 0.05; conftest)
+    against the same run with its second epoch trained with 8-bit QAT instead: started from the fp32
+    run's first-epoch weights (--init-from), with the same flags, so only the numerics of that epoch
+    differ. Calibrated on this machine: fp32 9.75%, QAT 10.15% (195 and 203 of 2,000 test images).
+    (Two whole QAT epochs would cost the CI budget four more minutes on a CPU, where a QAT step is
+    1.5x an fp32 one; test.py's figures for compressed checkpoints are tested on synthetic data.)"""
     from conftest import SHORT_REAL
-    qat = train.run([*SHORT_REAL, "--data_dir", cifar_dir, "--save", str(tmp_path), "--quant", "8", "8"])
-    fp32 = short_real_run["best"]
-    assert fp32["top1"] > 5.0, short_real_run["history"]  # it learned: the comparison means something
-    assert abs(qat["best"]["top1"] - fp32["top1"]) <= 2.0, (fp32, qat["best"])
-    got = tmp_path / "t.json"
-    assert test_script.main(["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mult", "0.34",
-                             "--data_dir", cifar_dir, "--test-limit", "2000", "--device", "cpu", "--model-state-file",
-                             os.path.join(qat["folder"], "model_best.pytar"), "--json", str(got)]) == 0
-    assert json.load(open(got))["correct"] == qat["best"]["correct"]
+    argv = [a for a in SHORT_REAL]
+    argv[argv.index("--epochs") + 1] = "1"
+    i = argv.index("--lr-regime")
+    argv[i:i + 4] = ["--lr-regime", "1", "1", "0.05"]
+    first_epoch = os.path.join(short_real_run["folder"], "model_state_01.pytar")
+    qat = train.run([*argv, "--data_dir", cifar_dir, "--save", str(tmp_path), "--init-from", first_epoch,
+                     "--quant", "8", "8"])
+    fp32 = short_real_run["history"][1]
+    assert fp32["test_top1"] > 5.0, short_real_run["history"]  # it learned: the comparison means something
+    assert abs(qat["best"]["top1"] - fp32["test_top1"]) <= 2.0, (fp32, qat["best"])
 
 
 @pytest.mark.slow
