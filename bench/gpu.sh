@@ -21,6 +21,7 @@
 #              concurrent processes so their torch.compile work overlaps on the CPUs, while a lock
 #              file lets only one of them time on the GPU at a time, pinned to CPUs 0-1 that the
 #              others are kept off (see TimingLock in bench/common.py).
+# 3b. compression bench/compression.py: the step dense, with pruning masks, with 8- and 4-bit QAT (ex, batch 256).
 # 4. training     train.py --model efficientnet_ex on hard labels with the original entry's (uci) augmentation, for as
 #              many epochs as the measured batch-128 speed fits into the time left (at most 240 s),
 #              stopped by SIGTERM at the cap if the estimate was off (train.py then saves and exits).
@@ -32,7 +33,7 @@
 # the training run's checkpoints stay there too.
 #
 # Knobs: PYTHON, BENCH_BUDGET_S, BENCH_DEVICE (cuda), BENCH_MODELS, BENCH_BATCHES ("256 512"),
-# BENCH_MEM_BATCH (128), BENCH_STEP_ARGS, BENCH_SYNC_ARGS, BENCH_PARALLEL (1; 0 runs the step benches one by one).
+# BENCH_MEM_BATCH (128), BENCH_STEP_ARGS, BENCH_SYNC_ARGS, BENCH_COMPRESS_ARGS, BENCH_PARALLEL (1; 0 runs the step benches one by one).
 # BENCH_SMOKE=1 runs the whole script on a CPU with tiny models and data, to check its plumbing.
 set -uo pipefail  # no -e: a part that fails or times out must not stop the parts after it
 
@@ -52,6 +53,7 @@ if [ "${BENCH_SMOKE:-0}" = 1 ]; then
   : "${BENCH_DATA_ARGS:=--device cpu --limit 2000 --seconds 4 --rounds 1 --batch-size 128}"
   : "${BENCH_ETA_ARGS:=--any-width}"
   : "${BENCH_SYNC_ARGS:=--width-mult 0.1 --depth-mult 0.1 --train-limit 256 --test-limit 100 --batch-size 32}"
+  : "${BENCH_COMPRESS_ARGS:=--width-mult 0.1 --depth-mult 0.1 --batch-size 16 --steps 1 --warmup 1 --eval-steps 1 --rounds 1}"
 fi
 BUDGET=${BENCH_BUDGET_S:-460}
 DEADLINE=$((T0 + BUDGET))
@@ -65,6 +67,7 @@ TRAIN_ARGS=${BENCH_TRAIN_ARGS:-}
 DATA_ARGS=${BENCH_DATA_ARGS:---device $DEVICE --batch-size 512 --seconds 16 --rounds 2}
 ETA_ARGS=${BENCH_ETA_ARGS:-}
 SYNC_ARGS=${BENCH_SYNC_ARGS:-}
+COMPRESS_ARGS=${BENCH_COMPRESS_ARGS:---amp bf16}  # train.py's CUDA default
 PARALLEL=${BENCH_PARALLEL:-1}
 ALL=${BENCH_ALL_MODE:-all}  # the everything-on mode; all-eager where torch.compile is too slow (CPU)
 WORK=${WORK:-${TMPDIR:-/tmp}/micronet-bench-$$}
@@ -194,6 +197,15 @@ if (( STEP_CAP >= 5 )); then
   fi
 fi
 echo "step benches: $(( $(date +%s) - t_steps )) s (cap $STEP_CAP s)" >>"$WORK/phases.txt"
+
+# ---------------------------------------------------------------- 3b. compression bench
+# bench/compression.py: train.py's step for ex dense, with 50% pruning masks, with 8-bit and 4-bit
+# QAT and with QAT + masks, in interleaved rounds (docs/compression.md has the CPU figures).
+# shellcheck disable=SC2086
+phase compress-bench "$(cap_for 45 "$(pct 40)")" "$WORK/logs/compress-bench.log" "$PY" bench/compression.py \
+  --device "$DEVICE" --model efficientnet_ex --batch-size 256 --steps 10 --warmup 3 --eval-steps 5 --rounds 2 \
+  --json "$WORK/compress.json" $COMPRESS_ARGS
+tail -n 12 "$WORK/logs/compress-bench.log"
 
 # ---------------------------------------------------------------- 4. training run
 TRAIN_CAP=$(cap_for 240 25)
