@@ -30,16 +30,17 @@ The record (compress.record): per layer its weight bits, input bits, mask and in
     compress.validate_record(rec, model, source=...)   # errors.CheckpointError, one line
     compress.apply_record(model, rec, source=...)      # quantised numerics + masks, for evaluation
     compress.summary(rec) -> str; compress.masks_of(rec) -> {name: mask}
+    compress.widths_text([(w, a), ...]) -> "W8/A8 x38"; compress.bare_name(name) without DDP/compile prefixes
 
 torchscope.count(model, rules="micronet", compression=rec) scores a compressed model.
 """
-from .layers import BITS, BITS_TEXT, FLOAT_BITS, INT_BITS, compressible, first_and_head
+from .layers import BITS, BITS_TEXT, FLOAT_BITS, INT_BITS, bare_name, compressible, first_and_head
 from .prune import SCOPES, PruneSchedule, Pruner
 from .quant import (QuantConv2d, QuantCosine, Quantised, QuantLinear, calibrate, fake_quant_weight,
                     layer_bits, quantize, quantize_layers, quantised_layers)
-from .record import RECORD_FORMAT, apply_record, masks_of, record, summary, validate_record
+from .record import RECORD_FORMAT, apply_record, masks_of, record, summary, validate_record, widths_text
 
 __all__ = ["PruneSchedule", "Pruner", "SCOPES", "quantize", "quantize_layers", "layer_bits", "calibrate",
            "quantised_layers", "fake_quant_weight", "Quantised", "QuantConv2d", "QuantLinear", "QuantCosine",
            "record", "validate_record", "apply_record", "masks_of", "summary", "RECORD_FORMAT", "BITS",
-           "BITS_TEXT", "INT_BITS", "FLOAT_BITS", "compressible", "first_and_head"]
+           "BITS_TEXT", "INT_BITS", "FLOAT_BITS", "compressible", "first_and_head", "widths_text", "bare_name"]

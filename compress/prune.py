@@ -229,8 +229,9 @@ class Pruner:
                 "masks": {n: m.detach().cpu().clone() for n, m in self.masks.items()}}
 
     def load_state_dict(self, state, source="the pruning state"):
-        """Restore masks and position (CheckpointError, one line, for masks that do not fit), then zero
-        the pruned weights and optimizer state."""
+        """Restore masks, schedule and position (CheckpointError, one line, for masks that do not fit),
+        then zero the pruned weights and optimizer state. The saved schedule replaces the one given
+        at construction: a run continues on the schedule it started with."""
         masks = state.get("masks") if isinstance(state, dict) else None
         if not isinstance(masks, dict):
             raise errors.CheckpointError(f"{source} holds no masks")
@@ -245,6 +246,8 @@ class Pruner:
         if state.get("scope", self.scope) != self.scope:
             raise errors.CheckpointError(f"{source} was pruned with scope {state['scope']}, not {self.scope}")
         self.masks = {n: m.to(device=self.params[n].device, dtype=torch.bool).clone() for n, m in masks.items()}
+        if state.get("schedule"):
+            self.schedule = PruneSchedule.from_state(state["schedule"])
         self.last_epoch = state.get("last_epoch")
         self._keep = None
         self.apply()

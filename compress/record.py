@@ -123,13 +123,20 @@ def masks_of(record):
     return {n: e["mask"] for n, e in record["layers"].items() if e.get("mask") is not None}
 
 
+def widths_text(pairs):
+    """"W4/A8 x35, W8/A8 x3" for (weight bits, input bits) pairs, the commonest first; "not quantised"
+    for none."""
+    counts = {}
+    for pair in pairs:
+        counts[pair] = counts.get(pair, 0) + 1
+    return ", ".join(f"W{w}/A{a} x{n}" for (w, a), n in sorted(counts.items(), key=lambda kv: -kv[1])) \
+        or "not quantised"
+
+
 def summary(record):
     """One line: what the record says was done (for logs and the count's header)."""
     entries = list(record["layers"].values())
-    widths = sorted({(e.get("weight_bits"), e.get("act_bits")) for e in entries if e.get("weight_bits")},
-                    key=lambda wa: -sum(1 for e in entries if (e.get("weight_bits"), e.get("act_bits")) == wa))
-    quant = ", ".join(f"W{w}/A{a} x{sum(1 for e in entries if (e.get('weight_bits'), e.get('act_bits')) == (w, a))}"
-                      for w, a in widths) or "not quantised"
+    quant = widths_text([(e.get("weight_bits"), e.get("act_bits")) for e in entries if e.get("weight_bits")])
     masked = [e["mask"] for e in entries if e.get("mask") is not None]
     if masked:
         pruned = sum(int((~m).sum()) for m in masked)

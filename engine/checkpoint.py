@@ -24,8 +24,6 @@ import models
 from .atomic import write_atomic
 
 FORMAT = "micronet-cifar100/1"
-# Wrappers that add a prefix to every key: DataParallel/DDP and torch.compile.
-_PREFIXES = ("module.", "_orig_mod.")
 
 
 def _short(e):
@@ -135,13 +133,8 @@ def is_state_dict(obj):
 
 
 def strip_prefixes(state):
-    out = {}
-    for k, v in state.items():
-        for p in _PREFIXES:
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
+    """Keys without the prefixes DataParallel/DDP and torch.compile add (compress.bare_name)."""
+    return {compress.bare_name(k): v for k, v in state.items()}
 
 
 def state_dict_of(obj, path):

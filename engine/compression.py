@@ -94,9 +94,9 @@ def restore(net, pruner, saved, path):
         if not saved.get("pruner"):
             raise errors.CheckpointError(f"{path} holds no pruning state, but this run prunes; resume it "
                                          "with the settings it was started with")
+        # Masks, position and the schedule the run started with (a default span follows --epochs,
+        # which a resume may change).
         pruner.load_state_dict(saved["pruner"], source=path)
-        # The schedule the run started with (a default span follows --epochs, which a resume may change).
-        pruner.schedule = compress.PruneSchedule.from_state(saved["pruner"]["schedule"])
 
 
 def exact_numerics(net):
@@ -135,9 +135,7 @@ def describe(net, pruner):
     parts = []
     q = compress.quantised_layers(net)
     if q:
-        widths = sorted({(m.weight_bits, m.act_bits) for m in q.values()}, reverse=True)
-        parts.append("QAT " + ", ".join(f"W{w}/A{a} x{sum(1 for m in q.values() if (m.weight_bits, m.act_bits) == (w, a))}"
-                                         for w, a in widths))
+        parts.append("QAT " + compress.widths_text([(m.weight_bits, m.act_bits) for m in q.values()]))
     if pruner is not None:
         s = pruner.schedule
         parts.append(f"pruning to {100 * s.target:g}% ({pruner.scope} scope) over epochs {s.start_epoch}..{s.end_epoch}, "

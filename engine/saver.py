@@ -39,11 +39,11 @@ class CheckpointSaver:
     def path(self, name):
         return os.path.join(self.folder, name)
 
-    def training_state(self, state, eval_bn=None):
+    def training_state(self, state, eval_bn=None, record=None):
         """The content of last.pytar; a compressed run's also holds its compression record (bits,
-        input ranges, masks) and the pruner's state."""
+        input ranges, masks; `record` when the caller has it) and the pruner's state."""
         extra = {}
-        record = compression.record(self.net, self.pruner)
+        record = record or compression.record(self.net, self.pruner)
         if record is not None:
             extra = {"compression": record, "pruner": self.pruner.state_dict() if self.pruner else None}
         return checkpoint.with_checksum({
@@ -94,11 +94,11 @@ class CheckpointSaver:
             checkpoint.save_atomic(checkpoint.weights_file(self.net, state=weights, epoch=epoch, test=test,
                                                            args=self.args.model, **extra),
                                    self.path("model_best.pytar"))
-        self._commit(state, eval_bn)
+        self._commit(state, eval_bn, record)
         self.refresh(state)
 
-    def _commit(self, state, eval_bn=None):
-        checkpoint.save_atomic(self.training_state(state, eval_bn), self.path("last.pytar"))
+    def _commit(self, state, eval_bn=None, record=None):
+        checkpoint.save_atomic(self.training_state(state, eval_bn, record), self.path("last.pytar"))
         runs.write_json(self.path("status.json"), status_of(state))
 
     def refresh(self, state):
