@@ -12,6 +12,7 @@ import sys
 
 import compress
 import errors
+import torchscope
 from cli.args import add_data_args, add_model_args, positive_int, typed
 from cli.errors import run_main
 from engine import distributed
@@ -21,7 +22,7 @@ from engine.evaluate import evaluate_checkpoint
 def main(argv=None):
     args = build_parser().parse_args(argv)
     ctx = distributed.Context(device=distributed.pick_device(args.device))
-    r, _, meta = evaluate_checkpoint(args, args.model_state_file, ctx, tta=args.tta)
+    r, model, meta = evaluate_checkpoint(args, args.model_state_file, ctx, tta=args.tta)
     r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta)
     trained = meta.get("epoch")
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
@@ -30,9 +31,18 @@ def main(argv=None):
         print(f"compressed: {r['compression']} (evaluated with its quantised numerics and masks)")
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
           f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
+    tta_note = ""
+    if args.tta:
+        # This accuracy costs two forward passes and their average: it goes with the TTA score,
+        # never the single-pass one count.py prints without --tta.
+        r["tta_score"] = torchscope.count(model, rules="micronet", compression=meta.get("compression"),
+                                          tta=True).score()["score"]
+        tta_note = f" with flip TTA, whose score is {r['tta_score']:.6f} (count.py --rules micronet --tta), not the single-pass score"
+        print(f"flip TTA: two forward passes per image and their average; MicroNet score with TTA "
+              f"{r['tta_score']:.6f} (count.py --rules micronet --tta)")
     if r["total"] == 10000:
         verdict = "meets" if r["reached_80"] else "misses"
-        print(f"MicroNet CIFAR-100 bar (80% top-1): {verdict} it")
+        print(f"MicroNet CIFAR-100 bar (80% top-1): {verdict} it{tta_note}")
     else:
         print(f"MicroNet CIFAR-100 bar (80% top-1): not judged on a {r['total']}-image subset")
     if args.json:
@@ -56,7 +66,9 @@ def build_parser():
                    help="autocast dtype (default bf16 on CUDA, off on CPU, as in training)")
     p.add_argument("--s", type=typed(float, lambda x: 0 < x <= 100, "a number in (0, 100]"), default=5.0,
                    help="AM-softmax scale for the loss")
-    p.add_argument("--tta", action="store_true", help="average the outputs on each image and its mirror")
+    p.add_argument("--tta", action="store_true",
+                   help="average the outputs on each image and its mirror (twice the operations: the score that "
+                        "goes with this accuracy is count.py --tta's, which test.py prints)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON")
     return p
 

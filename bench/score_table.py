@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """The README's "Lowering the score" table: efficientnet_ex at sparsity 0/50/75% x bits 32/16/8/4,
 each cell a real checkpoint made by train.py from one dense checkpoint (--init-from) and scored by
-torchscope/count.py --rules micronet, with the commands the README documents.
+torchscope/count.py --rules micronet, with the commands the README documents. Each cell is the one
+score the rules allow for it (count.py's "score"), with the rule it follows.
 
     python bench/score_table.py --data_dir D --dense RUN/model_best.pytar     # compress a trained ex
     python bench/score_table.py --data_dir D                                  # CPU: a short dense run first
@@ -100,8 +101,8 @@ def main(argv=None):
             counted = score(ckpt, os.path.join(args.out, name, "count.json"), log)
             cells.append({"sparsity": sparsity, "bits": bits, "checkpoint": os.path.relpath(ckpt, common.ROOT),
                           "short_run_top1": top1,
-                          "score_freebie": counted["scores"]["freebie"]["score"],
-                          "score_none": counted["scores"]["full"]["score"]})
+                          "score": counted["score"], "score_convention": counted["score_convention"],
+                          "score_rule": counted["score_rule"]})
     table = markdown(cells)
     with open(os.path.join(args.out, "table.md"), "w") as f:
         f.write(table)
@@ -114,14 +115,21 @@ def main(argv=None):
     return 0
 
 
+# Column heads: what each width means in the runs (32: no --quant at all; 16: simulated float16).
+BITS_HEAD = {32: "float32 (no --quant)", 16: "W16/A16 (float16)", 8: "W8/A8", 4: "W4/A4"}
+RULE_MARK = {"freebie": "freebie", "full": "no freebie"}
+
+
 def markdown(cells):
-    """Rows: sparsity; columns: bits; each cell the MicroNet score, freebie / none."""
-    head = "| sparsity \\ bits (W/A) | " + " | ".join(f"{b}" for b in BITS) + " |"
+    """Rows: sparsity; columns: bits; each cell the one MicroNet score the rules allow, and which
+    rule it follows (the 16-bit freebie, or none once a layer is below 16 bits)."""
+    head = "| sparsity \\ bits | " + " | ".join(BITS_HEAD[b] for b in BITS) + " |"
     lines = [head, "|---" * (len(BITS) + 1) + "|"]
     for s in SPARSITIES:
         row = [c for c in cells if c["sparsity"] == s]
         lines.append(f"| {int(100 * s)}% | " + " | ".join(
-            f"{c['score_freebie']:.6f} / {c['score_none']:.6f}" for c in sorted(row, key=lambda c: -c["bits"])) + " |")
+            f"{c['score']:.6f} ({RULE_MARK[c['score_convention']]})" for c in sorted(row, key=lambda c: -c["bits"]))
+            + " |")
     return "\n".join(lines) + "\n"
 
 

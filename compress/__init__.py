@@ -21,7 +21,7 @@ straight-through gradients; BatchNorm folding by per-channel invariance (see com
     compress.calibrate(model, batches)          # observe input ranges without training (PTQ)
     compress.quantised_layers(model) -> {name: layer}
 
-Widths: 2..8 (simulated on the integer grid) or 16/32 (left in floating point, counted at that width).
+Widths: 2..8 (simulated on the integer grid), 16 (simulated as float16) or 32 (float32 as it is).
 A quantised model's state_dict has the plain model's keys; the input ranges live in the record.
 
 The record (compress.record): per layer its weight bits, input bits, mask and input range.
@@ -34,7 +34,8 @@ The record (compress.record): per layer its weight bits, input bits, mask and in
 
 torchscope.count(model, rules="micronet", compression=rec) scores a compressed model.
 """
-from .layers import BITS, BITS_TEXT, FLOAT_BITS, INT_BITS, bare_name, compressible, first_and_head
+from .layers import (BITS, BITS_TEXT, FLOAT_BITS, HALF_BITS, INT_BITS, SIMULATED_BITS, bare_name, compressible,
+                     first_and_head)
 from .prune import SCOPES, PruneSchedule, Pruner
 from .quant import (QuantConv2d, QuantCosine, Quantised, QuantLinear, calibrate, fake_quant_weight,
                     layer_bits, quantize, quantize_layers, quantised_layers)
@@ -43,4 +44,4 @@ from .record import RECORD_FORMAT, apply_record, masks_of, record, summary, vali
 __all__ = ["PruneSchedule", "Pruner", "SCOPES", "quantize", "quantize_layers", "layer_bits", "calibrate",
            "quantised_layers", "fake_quant_weight", "Quantised", "QuantConv2d", "QuantLinear", "QuantCosine",
            "record", "validate_record", "apply_record", "masks_of", "summary", "RECORD_FORMAT", "BITS",
-           "BITS_TEXT", "INT_BITS", "FLOAT_BITS", "compressible", "first_and_head", "widths_text", "bare_name"]
+           "BITS_TEXT", "INT_BITS", "FLOAT_BITS", "HALF_BITS", "SIMULATED_BITS", "compressible", "first_and_head", "widths_text", "bare_name"]

@@ -20,8 +20,10 @@ keys and the op counter (which costs a layer by its torch base class) see the la
   first and quantising after, in training (batch statistics) and in eval (running statistics) alike;
   the folded bias is a 32-bit add. This is the documented equivalent of folding: the BatchNorm keys
   stay where they were, and nothing differs between training and evaluation numerics.
-- Bit widths 2..8 are simulated; 16 and 32 leave the layer in floating point (the MicroNet rules need
-  no 16-bit evaluation) and only tell the counter what width to charge.
+- Bit widths 2..8 are simulated on the integer grid; 16 is simulated as float16: the layer's weights
+  and inputs are rounded to half precision (straight-through gradient), and the products of two
+  float16 values are exact in float32, so a float32 evaluation is a float16 multiply with a float32
+  accumulator. 32 leaves the layer as it is. A width the counter charges is a width the model runs.
 
 The observer's state (min, max, scale, zero point) is not in the model's state_dict: saved weights
 keep the plain model's keys, and that state travels in the compression record (compress.record).
@@ -104,6 +106,27 @@ def round_input(x, scale, zero_point, qmax):
     return torch.round(x * scale.reciprocal()).add_(zp).clamp_(0, qmax).sub_(zp).mul_(scale)
 
 
+class _RoundHalf(torch.autograd.Function):
+    """x rounded to float16 (round to nearest even, overflow to inf, as a float16 store does), in
+    x's dtype, with the gradient passed straight through (the rounding's own derivative is 0 almost
+    everywhere, and a cast's backward would round the gradient to float16 too)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.to(torch.float16).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad
+
+
+def round_half(x):
+    """The float16 simulation of a 16-bit layer's weights or inputs."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _RoundHalf.apply(x)
+    return x.to(torch.float16).to(x.dtype)
+
+
 def _drop_quant_keys(module, state_dict, prefix, local_metadata):
     for k in [k for k in state_dict if k.startswith(prefix + QUANT_CHILD + ".")]:
         del state_dict[k]
@@ -138,9 +161,17 @@ class Quantised:
 
     @property
     def quantises_weights(self):
-        return self.weight_bits in L.INT_BITS
+        """Whether the weights are rounded (integer grid or float16): 32-bit weights are left alone."""
+        return self.weight_bits in L.SIMULATED_BITS
+
+    def _round_weight(self, w):
+        if self.weight_bits == L.HALF_BITS:
+            return round_half(w)
+        return fake_quant_weight(w, self.weight_bits, L.output_axis(self))
 
     def quant_input(self, x):
+        if self.act_bits == L.HALF_BITS:
+            return round_half(x if x.dtype == torch.float32 else x.float()).to(x.dtype)
         fq = getattr(self, QUANT_CHILD)
         if fq is None:
             return x
@@ -174,16 +205,16 @@ class Quantised:
         source = w if source is None else source
         if self.training or torch.is_grad_enabled():
             self._qcache = None
-            return fake_quant_weight(w, self.weight_bits, L.output_axis(self))
+            return self._round_weight(w)
         key = (source.data_ptr(), source._version, source.device, w.dtype)
         cache = getattr(self, "_qcache", None)
         if cache is None or cache[0] != key:
-            cache = self._qcache = (key, fake_quant_weight(w, self.weight_bits, L.output_axis(self)))
+            cache = self._qcache = (key, self._round_weight(w))
         return cache[1]
 
     def train(self, mode=True):
         super().train(mode)
-        fq = getattr(self, QUANT_CHILD)
+        fq = getattr(self, QUANT_CHILD, None)
         if fq is not None:
             # The range is learnt in training and frozen for evaluation.
             fq.enable_observer(mode)
@@ -280,7 +311,7 @@ def quantize(model, weight_bits, act_bits, first_last_bits=None):
     """Fake-quantise every conv, linear and cosine layer of `model` in place (see the module's doc):
     weights to `weight_bits` per output channel, inputs to `act_bits` per tensor; `first_last_bits`
     (an int, or a (weight, activation) pair) for the first layer and the head. Widths: 2..8
-    (simulated), 16 or 32 (left in floating point, counted at that width). Returns the model."""
+    (the integer grid), 16 (float16) or 32 (left as it is). Returns the model."""
     return quantize_layers(model, layer_bits(model, weight_bits, act_bits, first_last_bits))
 
 

@@ -100,9 +100,10 @@ def restore(net, pruner, saved, path):
 
 
 def exact_numerics(net):
-    """Whether evaluation must run in float32: integer-grid layers (2..8 bits) are exact only without
-    autocast (bf16 cannot hold every product of a grid value and its scale)."""
-    return any(m.weight_bits in compress.INT_BITS or m.act_bits in compress.INT_BITS
+    """Whether evaluation must run in float32: integer-grid (2..8-bit) and float16 layers are exact
+    only without autocast (bf16 holds neither every product of a grid value and its scale nor every
+    float16 value)."""
+    return any(m.weight_bits in compress.SIMULATED_BITS or m.act_bits in compress.SIMULATED_BITS
                for m in compress.quantised_layers(net).values())
 
 

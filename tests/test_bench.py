@@ -345,9 +345,11 @@ def test_score_table_commands_and_table():
     assert score_table.compression_flags(0.75, 4, 1) == ["--prune", "0.75", "--prune-schedule", "1", "1",
                                                           "--quant", "4", "4"]
     assert score_table.compression_flags(0.0, 16, 1) == ["--quant", "16", "16"]
-    cells = [{"sparsity": s, "bits": b, "score_freebie": s + b / 1000, "score_none": 2 * (s + b / 1000)}
+    cells = [{"sparsity": s, "bits": b, "score": s + b / 1000, "score_convention": "freebie" if b >= 16 else "full"}
              for s in score_table.SPARSITIES for b in score_table.BITS]
     lines = score_table.markdown(cells).splitlines()
-    assert lines[0] == "| sparsity \\ bits (W/A) | 32 | 16 | 8 | 4 |" and len(lines) == 5
-    assert lines[3] == ("| 50% | 0.532000 / 1.064000 | 0.516000 / 1.032000 | 0.508000 / 1.016000 | "
-                        "0.504000 / 1.008000 |")
+    assert lines[0] == "| sparsity \\ bits | float32 (no --quant) | W16/A16 (float16) | W8/A8 | W4/A4 |"
+    assert len(lines) == 5
+    # One figure a cell, the one the rules allow, and the rule beside it.
+    assert lines[3] == ("| 50% | 0.532000 (freebie) | 0.516000 (freebie) | 0.508000 (no freebie) | "
+                        "0.504000 (no freebie) |")

@@ -119,16 +119,18 @@ def test_count_py_scores_the_compressed_checkpoint_below_the_dense_model(compres
     with contextlib.redirect_stdout(out):
         count_command.main(["--rules", "micronet", "--width-mult", "0.1", "--depth-mult", "0.1",
                             "--model-state-file", path, "--json", os.path.join(compressed_run["folder"], "c.json")])
-    scores = json.load(open(os.path.join(compressed_run["folder"], "c.json")))["scores"]
+    counted = json.load(open(os.path.join(compressed_run["folder"], "c.json")))
+    scores = counted["scores"]
     dense = torchscope.count(plain_model(), rules="micronet").scores()
     record = checkpoint.load_file(path)["compression"]
     direct = torchscope.count(compress.apply_record(load_plain(path), record), rules="micronet",
                               compression=record).scores()
     assert "Sparse weight tensors" in out.getvalue() and "Compression record: W8/A8" in out.getvalue()
-    for convention in ("freebie", "full"):
-        assert scores[convention]["score"] == pytest.approx(direct[convention]["score"], rel=1e-12)
-        # 8-bit weights and inputs and half the weights gone: well under half the dense score.
-        assert scores[convention]["score"] < 0.5 * dense[convention]["score"], (scores, dense)
+    # Quantised to 8 bits: the one score is the full figure, and no freebie figure is given.
+    assert "freebie" not in scores and counted["score"] == scores["full"]["score"]
+    assert counted["score"] == pytest.approx(direct["full"]["score"], rel=1e-12)
+    # 8-bit weights and inputs and half the weights gone: well under half the dense score.
+    assert counted["score"] < 0.5 * dense["full"]["score"], (scores, dense)
 
 
 def load_plain(path):
@@ -318,8 +320,9 @@ def test_chain_adds_a_compression_stage_to_a_finished_chain(tmp_path, synthetic_
     record = best["compression"]
     assert final["compression"] == compress.summary(record)
     counted = torchscope.count(compress.apply_record(load_plain(state["stages"][1]["checkpoint"]), record),
-                               rules="micronet", compression=record).scores()
-    assert final["micronet_score"] == pytest.approx(counted["freebie"]["score"], rel=1e-9)
+                               rules="micronet", compression=record).score()
+    assert final["score"] == pytest.approx(counted["score"], rel=1e-9) and final["score_rules"] == "micronet"
+    assert not counted["freebie_allowed"] and "no 16-bit freebie" in final["score_rule"]
     assert re.search(r"compressed: W8/A8 x\d+; \d+ masked layers, 50\.0% of their weights pruned", text)
     # Run again: both stages are finished.
     with contextlib.redirect_stdout(io.StringIO()) as again:

@@ -363,12 +363,20 @@ def test_tiny_compressed_equals_the_organisers_formulas():
         "block.conv.2": _library_conv(4, 1, 8, 8, 0.75, 4, use_bias=True),       # own bias; BN adds none
         "fc": _library_fc(8, 5, 0.75, 8),
     }
+    # Beyond the library (which has no quantisation parameters): each integer layer's 32-bit weight
+    # scales (one per output channel) and its input's scale and zero point (not fc's: 16-bit inputs).
+    qparams = {"stem.1": 8 + 2, "block.conv.0.1": 8 + 2, "block.conv.1.se.1": 2 + 2, "block.conv.1.se.3": 8 + 2,
+               "block.conv.2": 8 + 2, "fc": 5}
+    # ...and its 32-bit multiplies: one per input element (quantising it), one per output (rescaling).
+    in_out = {"stem.1": (3 * 16, 8 * 16), "block.conv.0.1": (8 * 16, 8 * 16), "block.conv.1.se.1": (8, 2),
+              "block.conv.1.se.3": (2, 8), "block.conv.2": (8 * 16, 8 * 16), "fc": (0, 5)}
     for name, (wbits, bias, mults, adds) in lib.items():
         row = rows[name]
         assert (row.mults, row.adds) == (mults, adds), name
-        # Biases are not quantised: they cost the default width, 16 or 32 bits.
-        assert 32 * row.params16 == wbits + 16 * bias, name
-        assert 32 * row.params32 == wbits + 32 * bias, name
+        assert row.qparams == qparams[name] and row.scale_mults == sum(in_out[name]), name
+        # Biases are not quantised: they cost the default width, 16 or 32 bits; scales 32 bits.
+        assert 32 * row.params16 == wbits + 16 * bias + 32 * qparams[name], name
+        assert 32 * row.params32 == wbits + 32 * bias + 32 * qparams[name], name
     assert [rows[n].sparsity for n in lib] == [0.5, 0.5, 0.0, 0.0, 0.75, 0.75]
     # By hand, two of them: stem 216 weights, half kept, 8 bits + a 216-bit mask; 13.5 mults per output.
     assert lib["stem.1"] == (108 * 8 + 216, 8, 13.5 * 128, 12.5 * 128 + 128)
@@ -395,17 +403,19 @@ def test_tiny_compressed_equals_the_organisers_formulas():
     float_mults = sum(v[0] for v in elementwise.values())
     weight_bits = sum(v[0] for v in lib.values())
     biases = sum(v[1] for v in lib.values())
+    scale_mults = sum(map(sum, in_out.values()))
     s = r.scores()
     for key, default in (("freebie", 16), ("full", 32)):
-        params = (weight_bits + default * biases) / 32
-        ops = (quantised_mult_bits + default * float_mults) / 32 + r.adds
+        params = (weight_bits + default * biases) / 32 + sum(qparams.values())
+        ops = (quantised_mult_bits + default * (float_mults + scale_mults)) / 32 + r.adds
         assert s[key]["params"] == params and s[key]["ops"] == ops
         assert s[key]["score"] == pytest.approx(params / 36.5e6 + ops / 10.49e9, rel=1e-12)
         assert s[key]["params_term"] + s[key]["ops_term"] == pytest.approx(s[key]["score"], rel=1e-12)
-    assert s["freebie"]["params"] == (1640 + 39 * 16) / 32
-    # A 16-bit accumulator halves what every add costs.
-    s16 = torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=rec, add_bits=16).scores()
-    assert s16["full"]["ops"] == s["full"]["ops"] - r.adds / 2
+    assert s["freebie"]["params"] == (1640 + 39 * 16) / 32 + 49
+    # Every weight layer is below 16 bits: the rules allow no freebie, the score is the full figure.
+    allowed = r.score()
+    assert not allowed["freebie_allowed"] and allowed["convention"] == "full"
+    assert allowed["score"] == s["full"]["score"] and r.low_bit_layers == sorted(lib)
 
 
 def test_only_layers_stored_sparse_get_op_credit():
@@ -419,7 +429,7 @@ def test_only_layers_stored_sparse_get_op_credit():
     plain = torchscope.count(dense_model, input_size=TINY_INPUT, rules="micronet")
     assert (r.mults, r.adds) == (plain.mults, plain.adds)
     rows = {row.name: row for row in r.rows}
-    assert 32 * rows["fc"].params32 == 40 * 8 + 5 * 32   # dense at 8 bits, no mask
+    assert 32 * rows["fc"].params32 == 40 * 8 + 5 * 32 + 5 * 32   # dense at 8 bits, no mask; 5 scales
     # The same weights without any record: the zeros are many, so the tensors count as sparse.
     inferred = torchscope.count(model, input_size=TINY_INPUT, rules="micronet")
     assert set(inferred.sparse) == {"stem.1.weight", "block.conv.0.1.weight", "block.conv.2.weight", "fc.weight"}
@@ -441,8 +451,6 @@ def test_compression_record_that_does_not_fit_is_refused():
         torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression=bad)
     with pytest.raises(ValueError, match="stem.2"):
         torchscope.count(model, input_size=TINY_INPUT, rules="micronet", compression={"layers": {"stem.2": {}}})
-    with pytest.raises(ValueError, match="add_bits"):
-        torchscope.count(model, input_size=TINY_INPUT, rules="micronet", add_bits=0)
 
 
 def test_a_layer_with_a_kind_is_counted_whole():
@@ -664,6 +672,17 @@ def test_cli_uci_mf_one():
     assert "Total FLOPs: 251,891,224" in lines
 
 
+def allowed_score(text):
+    """The one score count.py names (its "MicroNet score:" line)."""
+    found = re.findall(r"^MicroNet score: ([\d.]+)  \(the score the rules allow\)$", text, re.M)
+    assert len(found) == 1, text
+    return float(found[0])
+
+
+def score_without_freebie(text):
+    return float(re.search(r"^Without the freebie \(every value at 32 bits\): .* = ([\d.]+)$", text, re.M).group(1))
+
+
 def test_cli_micronet_dense_and_sparse(tmp_path):
     model = models.create("efficientnet_ex")
     dense = torchscope.count(model, rules="micronet")
@@ -676,9 +695,9 @@ def test_cli_micronet_dense_and_sparse(tmp_path):
     torch.save(state, path)
     p = _run("--rules", "micronet", "--model-state-file", str(path))
     assert p.returncode == 0, p.stderr
-    got = dict(re.findall(r"^MicroNet score, (fp16 freebie|no freebie):.*= ([\d.]+)$", p.stdout, re.M))
-    assert set(got) == {"fp16 freebie", "no freebie"}
-    sparse_scores = {k: float(v) for k, v in got.items()}
+    # A pruned float model keeps the freebie: its score is the freebie figure, the other is printed beside.
+    sparse_scores = {"fp16 freebie": allowed_score(p.stdout), "no freebie": score_without_freebie(p.stdout)}
+    assert "16-bit freebie applied" in p.stdout
     dense_scores = dense.scores()
     assert 0 < sparse_scores["no freebie"] < dense_scores["full"]["score"] < 0.2
     assert 0 < sparse_scores["fp16 freebie"] < dense_scores["freebie"]["score"]
@@ -692,8 +711,9 @@ def test_cli_micronet_prints_readme_scores():
     p = _run("--rules", "micronet")
     assert p.returncode == 0, p.stderr
     lines = p.stdout.splitlines()
-    assert "MicroNet score, fp16 freebie: 1,387,396/36.5M + 377,311,408/10.49B = 0.073980" in lines
-    assert "MicroNet score, no freebie:   2,774,792/36.5M + 504,857,292/10.49B = 0.124149" in lines
+    assert "MicroNet score: 0.073980  (the score the rules allow)" in lines
+    assert "  = 1,387,396/36.5M + 377,311,408/10.49B  (parameters 0.038011 + operations 0.035969)" in lines
+    assert "Without the freebie (every value at 32 bits): 2,774,792/36.5M + 504,857,292/10.49B = 0.124149" in lines
 
 
 def test_cli_rules_seed_equals_uci(capsys):
@@ -814,16 +834,17 @@ def test_cli_counts_a_compressed_checkpoint(tmp_path, capsys):
     assert re.search(r"^features\.1\.conv\.0\.1\s+QuantConv2d\s+8x32x32\s+4/8\s+50\.0%", text, re.M)
     assert "Bits W/A" in text and "(parameters " in text
 
-    def score(t, which):
-        return float(re.search(rf"^MicroNet score, {which}:.*= ([\d.]+)$", t, re.M).group(1))
-    for which in ("fp16 freebie", "no freebie"):
-        assert 0 < score(text, which) < score(dense, which) / 2
+    # Quantised below 16 bits: one score, the full figure, and no freebie figure anywhere.
+    assert 0 < allowed_score(text) < score_without_freebie(dense) / 2
+    assert "no 16-bit freebie" in text and "Without the freebie" not in text and "fp16" not in text
     data = json.loads(out.read_text())
+    assert data["score"] == data["scores"]["full"]["score"] and "freebie" not in data["scores"]
+    assert data["freebie_allowed"] is False and data["score_convention"] == "full"
     assert data["compressed"] and data["compression"].startswith("W4/A8")
     rows = {r["name"]: r for r in data["layers"]}
     assert (rows["classifier.0"]["weight_bits"], rows["classifier.0"]["act_bits"]) == (8, 8)
     assert rows["features.1.conv.0.1"]["sparsity"] == 0.5
-    assert round(data["scores"]["full"]["score"], 6) == score(text, "no freebie")
+    assert round(data["score"], 6) == allowed_score(text)
 
 
 @pytest.mark.parametrize("mutate,needle", [

@@ -121,9 +121,10 @@ def test_test_py_reproduces_logged_accuracy(trained, tmp_path, synthetic_dir, ca
 
 
 @pytest.mark.slow
-def test_tta_averages_flipped_predictions(trained, tmp_path, synthetic_dir):
+def test_tta_averages_flipped_predictions(trained, tmp_path, synthetic_dir, capsys):
     """test.py --tta gives the loss and accuracy of the average of the model's outputs on each image
-    and on its mirror, computed here from the model; the plain evaluation gives other figures."""
+    and on its mirror, computed here from the model; the plain evaluation gives other figures. The
+    TTA accuracy is shown with the TTA score (two passes and the average), not the single-pass one."""
     path = os.path.join(trained["folder"], "model_best.pytar")
     figures = {}
     for tta in (False, True):
@@ -144,6 +145,11 @@ def test_tta_averages_flipped_predictions(trained, tmp_path, synthetic_dir):
     # Each figure matches its own computation to 5e-5; the two are further apart than that
     # (seen: 3.4e-4 for this barely trained model).
     assert abs(figures[True]["loss"] - figures[False]["loss"]) > 2e-4, figures
+    import torchscope
+    tta_score = torchscope.count(net, rules="micronet", tta=True).score()["score"]
+    assert figures[True]["tta_score"] == pytest.approx(tta_score, rel=1e-12) and "tta_score" not in figures[False]
+    assert tta_score > 1.9 * torchscope.count(net, rules="micronet").score()["ops_term"]
+    assert f"MicroNet score with TTA {tta_score:.6f} (count.py --rules micronet --tta)" in capsys.readouterr().out
 
 
 @pytest.mark.slow

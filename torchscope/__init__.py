@@ -13,14 +13,16 @@ imports nothing from the project.
 A compressed model is scored under the micronet rules from its compression record (a plain dict,
 compress.record: per layer its weight bits, input bits and mask; docs/compression.md):
 
-    report = torchscope.count(model, rules="micronet", compression=record, add_bits=32)
+    report = torchscope.count(model, rules="micronet", compression=record)
+    report.score()      # the one score the rules allow: no 16-bit freebie once a layer is below 16 bits
 
 `python torchscope/count.py` (or `python -m torchscope.count`; its help lists the options) is the
 command-line front end, in torchscope/command.py.
 """
 from .counter import BATCH, Report, Row, count
 from .rules import RULE_ALIASES, RULESETS, TORCH_KINDS, layer_kind
-from .score import DEFAULT_BITS, OPS_BASELINE, PARAMS_BASELINE, micronet_score, mult_bits, scores
+from .score import (DEFAULT_BITS, FREEBIE_BITS, OPS_BASELINE, PARAMS_BASELINE, allowed, micronet_score, mult_bits,
+                    scores)
 
 __all__ = ["count", "Report", "Row", "BATCH", "RULESETS", "RULE_ALIASES", "TORCH_KINDS", "layer_kind",
-           "scores", "micronet_score", "mult_bits", "DEFAULT_BITS", "PARAMS_BASELINE", "OPS_BASELINE"]
+           "scores", "allowed", "FREEBIE_BITS", "micronet_score", "mult_bits", "DEFAULT_BITS", "PARAMS_BASELINE", "OPS_BASELINE"]

@@ -50,6 +50,14 @@ class Row:
     weight_bits: object = None
     act_bits: object = None
     sparsity: float = 0.0
+    # Quantisation parameters (micronet rules), 32-bit values, included in params32/params16: a
+    # scale per output channel of integer weights, a scale and a zero point of integer inputs.
+    qparams: int = 0
+    # The multiplies an integer layer adds in deployment, charged at the score's default width:
+    # one per input element to quantise it (x / scale; the zero point folds into the bias), and
+    # one per output element to rescale the int32 accumulator (weight scale x input scale, with a
+    # folded BatchNorm's gamma / sigma in it).
+    scale_mults: int = 0
     # Every row is a leaf module's call (ops inline in a container's forward are leaf modules of
     # kind "add"/"mul"); kept for readers of the JSON's layer rows.
     leaf: bool = True
@@ -75,10 +83,13 @@ class Report:
     idle_params: int = 0
     # Weight tensors counted sparse (micronet rules): name -> (non-zeros, numel).
     sparse: dict = field(default_factory=dict)
-    # Accumulator width: what an add costs (bits), under the micronet rules.
-    add_bits: int = 32
     # Whether a compression record was applied (micronet rules).
     compressed: bool = False
+    # Layers the compression record quantises below 16 bits (under either rule set): the rules
+    # then allow no 16-bit freebie.
+    low_bit_layers: list = field(default_factory=list)
+    # Flip test-time augmentation counted: every layer runs twice, then the two outputs are averaged.
+    tta: bool = False
 
     def _sum(self, attr):
         return sum(getattr(r, attr) for r in self.rows)
@@ -92,6 +103,8 @@ class Report:
     mults = property(lambda self: self._sum("mults"))
     adds = property(lambda self: self._sum("adds"))
     macs = property(lambda self: self._sum("macs"))
+    scale_mults = property(lambda self: self._sum("scale_mults"))
+    qparams = property(lambda self: self._sum("qparams"))
     activations = property(lambda self: self._sum("activations"))
 
     @property
@@ -143,6 +156,10 @@ class Report:
     def scores(self):
         return S.scores(self)
 
+    def score(self):
+        """The one score the rules allow for this model (score.allowed)."""
+        return S.allowed(self)
+
     def to_dict(self):
         return {
             "rules": self.rules,
@@ -164,15 +181,30 @@ class Report:
             "score_params_32bit": self.params32,
             "score_params_16bit": self.params16,
             "memory": self.memory(),
-            "scores": self.scores(),
+            **_score_fields(self),
             "sparse_weights": {k: {"nonzero": nz, "numel": n} for k, (nz, n) in self.sparse.items()},
-            "add_bits": self.add_bits,
+            "add_bits": S.ADD_BITS,
             "compressed": self.compressed,
+            "low_bit_layers": list(self.low_bit_layers),
+            "tta": self.tta,
+            "scale_mults": self.scale_mults,
+            "quantisation_params": self.qparams,
             "uncounted": [list(u) for u in self.uncounted],
             "notes": list(self.notes),
             "layers": [dict(asdict(r), output_shape=list(r.output_shape),
                             madds=r.madds(self.mul_factor)) for r in self.rows],
         }
+
+
+def _score_fields(report):
+    """The JSON's score: the allowed figure on top, and under "scores" the conventions the rules
+    allow this model (a quantised model's freebie figure is left out: it is not a score)."""
+    allowed = report.score()
+    conventions = report.scores()
+    if not allowed["freebie_allowed"]:
+        conventions = {k: v for k, v in conventions.items() if k != "freebie"}
+    return {"score": allowed["score"], "score_convention": allowed["convention"],
+            "score_rule": allowed["rule"], "freebie_allowed": allowed["freebie_allowed"], "scores": conventions}
 
 
 def _first_tensor(x):
@@ -190,6 +222,17 @@ def _tensor_bits(n, nonzero, sparse, bits):
     """Bits to store a tensor of n entries at `bits` each: dense n * bits; sparse, its non-zeros
     plus a 1-bit mask over every entry (the organisers' get_sparse_size)."""
     return nonzero * bits + n if sparse else n * bits
+
+
+def charged_bits(bits):
+    """The width a record's bits are charged at: None (the score's default width: 16 with the
+    freebie, 32 without) for a layer left in float32, whether the record says None or 32."""
+    return None if bits is None or bits >= 32 else bits
+
+
+def on_integer_grid(bits):
+    """Widths below 16 are integer grids, which need scales; 16 is float16 and needs none."""
+    return bits is not None and bits < S.FREEBIE_BITS
 
 
 # Without a record, a weight tensor is stored sparse when more than 1/SPARSE_AT of it is exact zeros:
@@ -214,6 +257,8 @@ class _Counter:
         self.sparse = {}
         # Rows (by id) of BatchNorms folded into a conv, and of convs given a bias by a fold.
         self.folded, self.gained_bias = set(), set()
+        # Convs whose folded bias is already counted as parameters.
+        self.bias_stored = set()
         # Output tensor id -> (row, module, kind, tensor) for conv/linear/identity outputs.
         # Holding the tensor keeps its id from being reused during the pass.
         self.producers = {}
@@ -259,7 +304,7 @@ class _Counter:
 
     def _own_params(self, module, row):
         entry = self._entry(module)
-        wbits = entry.get("weight_bits") if entry else None
+        wbits = charged_bits(entry.get("weight_bits")) if entry else None
         for pname, p in module.named_parameters(recurse=False):
             if id(p) in self.seen_params:
                 continue
@@ -306,7 +351,9 @@ class _Counter:
                 self._apply(row, rule(module, in_shape, tuple(out.shape[1:]), nonzero=nonzero))
                 entry = self._entry(module)
                 if entry:
-                    row.weight_bits, row.act_bits = entry.get("weight_bits"), entry.get("act_bits")
+                    row.weight_bits = charged_bits(entry.get("weight_bits"))
+                    row.act_bits = charged_bits(entry.get("act_bits"))
+                    self._quantisation_costs(module, kind, row, w, x, out)
                 if nonzero is not None:
                     row.sparsity = 1.0 - nonzero / w.numel()
             else:
@@ -319,15 +366,37 @@ class _Counter:
         self._own_params(module, row)
         self.rows.append(row)
 
+    def _quantisation_costs(self, module, kind, row, w, x, out):
+        """What an integer layer needs beyond its products (Row.qparams, Row.scale_mults): its input
+        quantised (a scale and a zero point; one multiply per input element), its weights' scales
+        (one per output channel), and its int32 accumulator rescaled (one multiply per output)."""
+        int_w, int_a = on_integer_grid(row.weight_bits), on_integer_grid(row.act_bits)
+        first_call = self.calls[module] == 1
+        qparams = 0
+        if int_w:
+            qparams += w.shape[R.OUTPUT_AXIS[kind]]
+        if int_a:
+            qparams += 2
+            row.scale_mults += x[0].numel()
+        if int_w or int_a:
+            row.scale_mults += out[0].numel()
+        if first_call:
+            row.qparams += qparams
+            row.params32 += qparams
+            row.params16 += qparams
+
     def _fold_bn(self, prod, bn_row, out):
         conv_row, conv, _, _ = prod
         self.folded.add(id(bn_row))
         if conv.bias is None and id(conv_row) not in self.gained_bias:
-            # The fold leaves the conv a bias: one add per output and C_out parameters.
+            # The fold leaves the conv a bias: one add per output at each call, and C_out
+            # parameters once (a second call, as in flip TTA, stores nothing new).
             conv_row.adds += out[0].numel()
-            conv_row.params32 += out.shape[1]
-            conv_row.params16 += 0.5 * out.shape[1]
             self.gained_bias.add(id(conv_row))
+            if conv not in self.bias_stored:
+                conv_row.params32 += out.shape[1]
+                conv_row.params16 += 0.5 * out.shape[1]
+                self.bias_stored.add(conv)
 
     def _materialised_padding(self, conv, x):
         # The original padded in a separate ZeroPad2d before every conv; where ours pads inside
@@ -396,22 +465,36 @@ def _check_compression(model, compression):
                 raise ValueError(f"the compression record gives {name} {key.replace('_', ' ')} {b!r}")
 
 
-def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compression=None, add_bits=32):
+def _average_row(out):
+    """Flip TTA's last step: the two passes' outputs summed and halved, per output element."""
+    n = out[0].numel()
+    return Row(name="tta.average", type="TTA average", output_shape=tuple(out.shape[1:]), flops=2 * n,
+               mults=n, adds=n)
+
+
+def low_bit_layers(compression):
+    """Names of the layers a compression record puts on an integer grid (below 16 bits)."""
+    if compression is None:
+        return []
+    return sorted(name for name, e in compression["layers"].items()
+                  if on_integer_grid(e.get("weight_bits")) or on_integer_grid(e.get("act_bits")))
+
+
+def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compression=None, tta=False):
     """Count `model` on one random batch of shape (BATCH, *input_size); figures per sample.
 
     rules: "uci" (the original entry's count.py; "seed" is an alias) or "micronet" (the
     challenge organisers' counting); docs/counting.md gives both, torchscope.rules every formula.
     mul_factor weights multiplies in the original's Madds (0.5: the fp16 freebie, 1: full); the
     report gives Madds at any factor. compression: a compression record (compress.record: per
-    layer weight bits, input bits, mask) scored under the micronet rules (the uci rules ignore it);
-    add_bits: the accumulator's width, what an add costs under the micronet rules (default 32).
-    ValueError for a mul_factor outside (0, 1], unknown rules, add_bits outside 1..32 or a
-    record that does not fit the model.
+    layer weight bits, input bits, mask) scored under the micronet rules (the uci rules ignore it).
+    Adds cost 32 bits (score.ADD_BITS): a narrower accumulator is nothing evaluation simulates.
+    tta: count flip test-time augmentation (evaluate.evaluate's tta): every layer twice, then the
+    outputs averaged. ValueError for a mul_factor outside (0, 1], unknown rules or a record that
+    does not fit the model.
     """
     if not 0 < mul_factor <= 1:
         raise ValueError(f"mul_factor must be in (0, 1], got {mul_factor}")
-    if isinstance(add_bits, bool) or not isinstance(add_bits, int) or not 1 <= add_bits <= 32:
-        raise ValueError(f"add_bits must be a whole number of bits from 1 to 32, got {add_bits!r}")
     rules = R.ruleset_name(rules)
     input_size = tuple(int(s) for s in input_size)
     if compression is not None:
@@ -430,7 +513,10 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compressio
         model.eval()
         try:
             with torch.no_grad():
-                model(x)
+                out = model(x)
+                if tta:
+                    # The mirror image is a re-indexing of the input: it costs no arithmetic.
+                    model(x.flip(-1))
         finally:
             model.train(was_training)
     finally:
@@ -445,11 +531,12 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compressio
                  if n not in ("weight", "bias"))
     idle = sum(p.numel() for p in params if id(p) not in c.seen_params)
 
+    if tta:
+        c.rows.append(_average_row(_first_tensor(out)))
     report = Report(rules=rules, input_size=input_size, mul_factor=float(mul_factor), rows=c.rows,
                     total_params=total, trainable_params=trainable, legacy_nontrainable=legacy,
                     uncounted=c.uncounted, idle_params=idle, sparse=c.sparse,
-                    add_bits=add_bits if rules == "micronet" else 32,
-                    compressed=c.entries is not None)
+                    compressed=c.entries is not None, low_bit_layers=low_bit_layers(compression), tta=tta)
     if compression is not None and rules != "micronet":
         report.notes.append(f"the {rules} rules ignore the compression record (bit widths and masks); "
                             "the micronet rules score it")

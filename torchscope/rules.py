@@ -233,6 +233,8 @@ UCI_RULES = {
 # The kinds whose rule takes the layer's counted non-zero weights (None: dense), and the attribute
 # holding those weights.
 WEIGHT_ATTR = {"conv": "weight", "linear": "weight", "cosine": "kernel"}
+# The axis of that tensor that indexes output units (a per-channel quantisation scale each).
+OUTPUT_AXIS = {"conv": 0, "linear": 0, "cosine": 1}
 
 
 def _dot(numel, c_out, positions, nonzero):
