@@ -80,3 +80,64 @@ def set_module(model, name, new):
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def units_of(module):
+    """The number of output units of a layer (conv filters, linear rows, cosine classes)."""
+    return weight_of(module).shape[output_axis(module)]
+
+
+# Layer groups that a pruning exclusion may name besides module names (compress.prune.resolve_exclude).
+GROUPS = {
+    "stem": "the first layer (the conv on the image)",
+    "head": "every layer inside the model's classifier (cosine head: classifier.0 and the cosine layer)",
+    "conv": "every conv",
+    "linear": "every linear layer",
+    "cosine": "the cosine layer",
+    "depthwise": "the depthwise convs (one group per input channel)",
+    "pointwise": "the 1x1 convs without groups (expansion, projection, head unit, squeeze-excite)",
+    "se": "the squeeze-excite convs",
+}
+
+
+def _is_depthwise(m):
+    return isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels
+
+
+def _is_pointwise(m):
+    return isinstance(m, nn.Conv2d) and m.groups == 1 and tuple(m.kernel_size) == (1, 1)
+
+
+def layer_groups(model):
+    """{group: [bare names]} for every group of GROUPS, in module order (a group may be empty)."""
+    from models.efficientnet import SqueezeExcite  # a model-specific group: found by its module class
+    layers = compressible(model)
+    first, head = first_and_head(model)
+    se_prefixes = tuple(bare_name(n) + "." for n, m in model.named_modules() if isinstance(m, SqueezeExcite))
+    member = {
+        "stem": lambda n, m: n in first,
+        "head": lambda n, m: n in head,
+        "conv": lambda n, m: kind_of(m) == "conv",
+        "linear": lambda n, m: kind_of(m) == "linear",
+        "cosine": lambda n, m: kind_of(m) == "cosine",
+        "depthwise": lambda n, m: _is_depthwise(m),
+        "pointwise": lambda n, m: _is_pointwise(m),
+        "se": lambda n, m: bool(se_prefixes) and n.startswith(se_prefixes),
+    }
+    return {g: [n for n, m in layers.items() if member[g](n, m)] for g in GROUPS}
+
+
+def following_batchnorm(model):
+    """{bare name: BatchNorm} for each layer whose next sibling in the same Sequential is a BatchNorm
+    over its output units: the BatchNorm that rescales that layer's output channels (in these models
+    every conv unit is conv, BatchNorm, activation, and each block's projection conv has its own)."""
+    out = {}
+    for prefix, seq in model.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        kids = list(seq.named_children())
+        for (name, a), (_, b) in zip(kids, kids[1:]):
+            if (kind_of(a) is not None and isinstance(b, nn.modules.batchnorm._BatchNorm)
+                    and b.num_features == units_of(a)):
+                out[bare_name(f"{prefix}.{name}" if prefix else name)] = b
+    return out

@@ -1,18 +1,25 @@
 """The compression record: what was done to a model, per layer, as plain values a checkpoint can hold
 (torch.load with weights_only=True reads it) and the op counter can score.
 
-    {"format": RECORD_FORMAT,
+    {"format": RECORD_FORMAT or RECORD_FORMAT_LSQ,
      "layers": {name: {"kind": "conv" | "linear" | "cosine",
                        "weight_bits": int | None,      # None: not quantised (floating point)
                        "act_bits": int | None,         # bits of the layer's input
+                       "method": "minmax" | "lsq" | None,   # the quantiser (None: not quantised)
                        "mask": bool tensor | None,     # True = kept; None: stored dense
-                       # only with 2..8-bit inputs, the frozen input range of the fake quantiser:
-                       "act_min": tensor, "act_max": tensor, "act_scale": tensor, "act_zero_point": tensor},
+                       # only with 2..8-bit inputs, the input grid: a min/max observer's range, or
+                       # LSQ's grid range (0 - z) * s .. (2^b - 1 - z) * s
+                       "act_min": tensor, "act_max": tensor, "act_scale": tensor, "act_zero_point": tensor,
+                       # only for LSQ with 2..8-bit weights: the learned step of each output unit
+                       "weight_step": float tensor [units]},
                 ...},
-     "prune": {"target", "initial", "start_epoch", "end_epoch", "scope", "sparsity", ...} | None}
+     "prune": Pruner.summary() | None,
+     "qat": QATSchedule.summary() | None}
 
 Every conv, linear and cosine layer has an entry, compressed or not. Names are the model's module
-names without DDP/compile prefixes.
+names without DDP/compile prefixes. A record with learned steps is format 2: a reader of format 1
+would evaluate those layers with min/max weight scales, so it must refuse them; every other record
+stays format 1, which older readers take.
 """
 import math
 
@@ -25,13 +32,15 @@ from . import quant as Q
 from .prune import check_mask
 
 RECORD_FORMAT = "micronet-cifar100/compression/1"
+RECORD_FORMAT_LSQ = "micronet-cifar100/compression/2"
+RECORD_FORMATS = (RECORD_FORMAT, RECORD_FORMAT_LSQ)
 _ACT_KEYS = ("act_min", "act_max", "act_scale", "act_zero_point")
 
 
-def record(model, pruner=None):
-    """The record of `model` as it stands: each layer's bit widths (from its quantised version, or
-    None), its mask (from `pruner`, None for a layer left dense or not pruned at all) and its input
-    quantiser's range."""
+def record(model, pruner=None, qat=None):
+    """The record of `model` as it stands: each layer's bit widths and quantiser (from its quantised
+    version, or None), its mask (from `pruner`, None for a layer left dense or not pruned at all), its
+    input grid and learned steps; `qat` (a QATSchedule) says what was frozen."""
     masks = pruner.masks if pruner is not None else {}
     layers = {}
     for name, m in L.compressible(model).items():
@@ -40,12 +49,16 @@ def record(model, pruner=None):
         entry = {"kind": L.kind_of(m),
                  "weight_bits": m.weight_bits if quantised else None,
                  "act_bits": m.act_bits if quantised else None,
+                 "method": m.method if quantised else None,
                  "mask": mask.detach().cpu().clone() if mask is not None and not bool(mask.all()) else None}
         if quantised:
             entry.update(Q.input_state(m) or {})
+            entry.update(Q.weight_state(m))
         layers[name] = entry
-    return {"format": RECORD_FORMAT, "layers": layers,
-            "prune": pruner.describe() if pruner is not None else None}
+    learned = any(e["method"] == "lsq" for e in layers.values())
+    return {"format": RECORD_FORMAT_LSQ if learned else RECORD_FORMAT, "layers": layers,
+            "prune": pruner.summary() if pruner is not None else None,
+            "qat": qat.summary() if qat is not None else None}
 
 
 def _bits_ok(v):
@@ -62,8 +75,8 @@ def validate_record(record, model, source="the compression record"):
     non-finite input range)."""
     if not isinstance(record, dict) or not isinstance(record.get("layers"), dict):
         _fail(source, "not a compression record (a dict with per-layer entries)")
-    if record.get("format", RECORD_FORMAT) != RECORD_FORMAT:
-        _fail(source, f"format {record.get('format')!r} is not {RECORD_FORMAT}")
+    if record.get("format", RECORD_FORMAT) not in RECORD_FORMATS:
+        _fail(source, f"format {record.get('format')!r} is not one of {', '.join(RECORD_FORMATS)}")
     layers = L.compressible(model)
     for name, entry in record["layers"].items():
         if name not in layers:
@@ -77,12 +90,33 @@ def validate_record(record, model, source="the compression record"):
         wb, ab = entry.get("weight_bits"), entry.get("act_bits")
         if (wb is None) != (ab is None):
             _fail(source, f"layer {name}: weight bits {wb} with activation bits {ab}: give both or neither")
+        method = entry.get("method")
+        if method is not None and (wb is None or method not in Q.METHODS):
+            _fail(source, f"layer {name}: quantiser {method!r} is not one of {', '.join(Q.METHODS)} "
+                          "on a quantised layer")
+        if method == "lsq" and record.get("format") != RECORD_FORMAT_LSQ:
+            _fail(source, f"layer {name}: learned steps in a record of format {record.get('format')!r}, "
+                          f"not {RECORD_FORMAT_LSQ}")
         mask = entry.get("mask")
         if mask is not None:
             check_mask(mask, L.weight_of(layers[name]), name, source)
         if ab in L.INT_BITS:
             _check_act_state(entry, name, ab, source)
+            if method == "lsq" and int(entry["act_zero_point"]) > 2 ** (ab - 1):
+                _fail(source, f"layer {name}: learned-step input zero point {int(entry['act_zero_point'])} "
+                              f"above {2 ** (ab - 1)} (the signed grid)")
+        if method == "lsq" and wb in L.INT_BITS:
+            _check_steps(entry.get("weight_step"), layers[name], name, source)
     return record
+
+
+def _check_steps(steps, module, name, source):
+    units = L.units_of(module)
+    if not isinstance(steps, torch.Tensor) or not steps.is_floating_point() or tuple(steps.shape) != (units,):
+        _fail(source, f"layer {name}: learned weight steps must be {units} floating-point values, one per "
+                      f"output unit, got {tuple(steps.shape) if isinstance(steps, torch.Tensor) else steps!r}")
+    if not bool(torch.isfinite(steps).all()) or not bool((steps > 0).all()):
+        _fail(source, f"layer {name}: learned weight steps must be finite and positive")
 
 
 def _check_act_state(entry, name, bits, source):
@@ -99,19 +133,23 @@ def _check_act_state(entry, name, bits, source):
 
 
 def apply_record(model, record, source="the compression record"):
-    """Give `model` (weights already loaded) the record's numerics: quantised layers with their frozen
-    input ranges, and the masks' pruned weights set to zero. Validates first. Returns the model
-    (changed in place); evaluate it in eval mode."""
+    """Give `model` (weights already loaded) the record's numerics: quantised layers with their input
+    grids and learned steps, and the masks' pruned weights set to zero. Validates first. Returns the
+    model (changed in place); evaluate it in eval mode. (What a QATSchedule froze is not applied: it
+    concerns training only, and a resumed run restores it from QATSchedule.state_dict.)"""
     validate_record(record, model, source)
     entries = record["layers"]
-    bits = {n: (e["weight_bits"], e["act_bits"]) for n, e in entries.items() if e.get("weight_bits") is not None}
-    Q.quantize_layers(model, bits)
+    quantised = {n: e for n, e in entries.items() if e.get("weight_bits") is not None}
+    Q.quantize_layers(model, {n: (e["weight_bits"], e["act_bits"]) for n, e in quantised.items()},
+                      {n: e.get("method") or "minmax" for n, e in quantised.items()})
     layers = L.compressible(model)
     with torch.no_grad():
         for name, e in entries.items():
             m = layers[name]
             if e.get("act_bits") in L.INT_BITS:
                 Q.load_input_state(m, e)
+            if e.get("method") == "lsq" and e.get("weight_bits") in L.INT_BITS:
+                Q.load_weight_state(m, e)
             if e.get("mask") is not None:
                 w = L.weight_of(m)
                 w.mul_(e["mask"].to(device=w.device, dtype=w.dtype))
@@ -119,7 +157,7 @@ def apply_record(model, record, source="the compression record"):
 
 
 def masks_of(record):
-    """{name: mask} of the record's masked layers (for Pruner.load_state_dict and the counter)."""
+    """{name: mask} of the record's masked layers."""
     return {n: e["mask"] for n, e in record["layers"].items() if e.get("mask") is not None}
 
 
@@ -137,7 +175,10 @@ def summary(record):
     """One line: what the record says was done (for logs and the count's header)."""
     entries = list(record["layers"].values())
     quant = widths_text([(e.get("weight_bits"), e.get("act_bits")) for e in entries if e.get("weight_bits")])
-    masked = [e["mask"] for e in entries if e.get("mask") is not None]
+    learned = sum(e.get("method") == "lsq" for e in entries)
+    if learned:
+        quant += f" (learned steps x{learned})"
+    masked = list(masks_of(record).values())
     if masked:
         pruned = sum(int((~m).sum()) for m in masked)
         total = sum(m.numel() for m in masked)
