@@ -15,7 +15,7 @@ Running the same command again skips finished stages and resumes an unfinished o
 final model is evaluated (as test.py does) and counted (as torchscope/count.py does), and
 {save}/chain_report.md, chain_report.json and chain_curves.png are written.
 """
-import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -26,13 +26,14 @@ import compress
 import data
 import errors
 import models
-import train as train_stage
 from cli.args import positive_int
 from cli.errors import run_main
-from engine import checkpoint, compression, distributed, runs
+from cli.train_flags import build_parser as train_flags, finish_args
+from engine import checkpoint, distributed, optim, run_folder
+from engine.config import RunConfig
 from engine.evaluate import evaluate_checkpoint
-from engine.progress import format_duration
-from engine.regime import format_regime, parse_regime
+from engine.progress import DAY_S, format_duration
+from engine.trainer import Hooks, Trainer
 from torchscope import count as count_model
 
 DEFAULT_STAGES = ",".join(models.UCI_CHAIN)
@@ -47,35 +48,36 @@ COMPRESSION_SETTINGS = ("prune", "prune_schedule", "prune_scope", "quant", "quan
 def chain(cfg, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main:
-        runs.check_save_root(cfg.save)
+        run_folder.check_save_root(cfg.save)
     state_path = os.path.join(cfg.save, STATE_FILE)
-    records = load_records(state_path, cfg.stage_spec)
+    before = load_stages(state_path, cfg.stage_spec)
     eta = ChainEta(cfg, say)
     t_start = time.perf_counter()
     teacher, done = None, []
     for i, name in enumerate(cfg.stage_list):
         stage = stage_config(cfg, i, teacher)
-        record = records[i] if i < len(records) else None
-        check_record(record, stage, i, state_path)
+        known = before[i] if i < len(before) else None
+        check_stage(known, stage, i, state_path)
         if stage.init_from:
             name += " (compressed)"
-        if record and record.get("finished"):
+        if known and known.get("finished"):
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}: finished before "
-                f"(best top-1 {record['best_top1']:.2f}%), skipped")
+                f"(best top-1 {known['best_top1']:.2f}%), skipped")
         else:
             # --resume auto continues this stage's run, or adopts it when it finished before a kill
-            # let the chain record it; otherwise a new run starts.
+            # let the chain note it; otherwise a new run starts.
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}"
                 + (f" refined by {teacher[0]} ({teacher[1]})" if teacher else " on hard labels"))
-            result = train_stage.train(stage, ctx, on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left))
-            record = stage_record(stage, teacher, result)
+            hooks = Hooks(on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left))
+            result = Trainer(stage, ctx, hooks).fit()
+            known = stage_result(stage, teacher, result)
             if ctx.is_main:
-                runs.write_json(state_path, {"stages_spec": cfg.stage_spec, "stages": done + [record]})
+                run_folder.write_json(state_path, {"stages_spec": cfg.stage_spec, "stages": done + [known]})
             if result["stopped"]:
                 say("[chain] stopped; run the same command again to continue")
                 return result["exit_code"]
-        done.append(record)
-        teacher = (stage.model, record["checkpoint"])
+        done.append(known)
+        teacher = (stage.model, known["checkpoint"])
     # Every rank evaluates its shard of the test set (the metrics are all-reduced); rank 0 reports.
     final = final_evaluation(stage, ctx, done[-1])
     if ctx.is_main:
@@ -85,48 +87,40 @@ def chain(cfg, ctx):
 
 
 def stage_config(cfg, i, teacher):
-    """Stage i's train.py configuration: the chain's settings, its model, the previous stage as its
-    teacher, and --resume auto. Every setting counts as given, so a resume must match all of them."""
-    stage = argparse.Namespace(**vars(cfg))
-    del stage.stages, stage.stage_list
-    stage.model = cfg.stage_list[i]
-    stage.lr_regime = cfg.lr_regime or format_regime(models.card(stage.model).lr_regime)
-    stage.label_refinery_model = teacher[0] if teacher else None
-    stage.label_refinery_state_file = teacher[1] if teacher else None
-    stage.label_refinery_width_mult = cfg.width_mult if teacher else None
-    stage.label_refinery_depth_mult = cfg.depth_mult if teacher else None
-    stage.label_refinery_coslinear = cfg.coslinear
-    stage.init_from = None
-    compressing = cfg.compress_final and i == len(cfg.stage_list) - 1
-    if compressing:
+    """Stage i's RunConfig: the chain's settings, its model, the previous stage as its teacher, and
+    --resume auto. Every setting counts as given, so a resume must match all of them."""
+    model = cfg.stage_list[i]
+    stage = dict(vars(cfg), model=model, lr_regime=cfg.lr_regime or optim.format_regime(models.card(model).lr_regime),
+                 label_refinery_model=teacher[0] if teacher else None,
+                 label_refinery_state_file=teacher[1] if teacher else None,
+                 label_refinery_width_mult=cfg.width_mult if teacher else None,
+                 label_refinery_depth_mult=cfg.depth_mult if teacher else None,
+                 label_refinery_coslinear=cfg.coslinear, init_from=None, resume="auto")
+    if cfg.compress_final and i == len(cfg.stage_list) - 1:
         # The final stage compresses the stage before it: its weights to start from, and its teacher.
-        stage.init_from = teacher[1]
-        stage.epochs = cfg.compress_epochs
-        stage.lr_regime = cfg.compress_lr_regime or format_regime(compression.fine_tune_regime(stage.epochs))
+        stage.update(init_from=teacher[1], epochs=cfg.compress_epochs, lr_regime=cfg.compress_lr_regime
+                     or optim.format_regime(optim.fine_tune_regime(cfg.compress_epochs)))
     else:
-        for k in COMPRESSION_SETTINGS:
-            setattr(stage, k, None)
-    del stage.compress_epochs, stage.compress_lr_regime, stage.compress_final, stage.stage_spec
-    stage.resume = "auto"
-    stage.given = sorted(k for k in vars(stage) if k not in ("argv", "given", "script"))
-    stage.argv, stage.script = cfg.argv, "chain.py"
-    return stage
+        stage.update(dict.fromkeys(COMPRESSION_SETTINGS))
+    settings = RunConfig.from_mapping(stage, argv=tuple(cfg.argv), script="chain.py")
+    return dataclasses.replace(settings, given=tuple(settings.settings()))
 
 
-def stage_record(stage, teacher, result):
+def stage_result(stage, teacher, result):
+    """What chain_state.json keeps of a stage's run."""
     return {"model": stage.model, "compressed": bool(stage.init_from), "teacher": teacher[0] if teacher else None,
             "teacher_checkpoint": teacher[1] if teacher else None, "folder": result["folder"],
             "checkpoint": os.path.join(result["folder"], "model_best.pytar") if result["folder"] else None,
-            "identity": runs.identity(vars(stage)), "finished": not result["stopped"],
+            "identity": stage.identity(), "finished": not result["stopped"],
             "epochs": len(result["history"]),
             "best_top1": result["best"]["top1"] if result["best"] else None,
             "seconds": sum(r["seconds"] for r in result["history"])}
 
 
-def load_records(path, stage_spec):
-    """The recorded stages. A chain may grow (a compression stage added to a finished chain): the
-    recorded stages must be the first of this one's."""
-    state = runs.read_json(path) or {}
+def load_stages(path, stage_spec):
+    """The stages chain_state.json holds. A chain may grow (a compression stage added to a finished
+    chain): the stages it holds must be the first of this one's."""
+    state = run_folder.read_json(path) or {}
     spec = state.get("stages_spec")
     if spec is not None and spec != stage_spec[:len(spec)]:
         raise errors.RunError(f"{path} belongs to a chain of stages {','.join(spec)}; use "
@@ -134,14 +128,14 @@ def load_records(path, stage_spec):
     return state.get("stages", [])
 
 
-def check_record(record, stage, i, path):
-    """A recorded stage must have been run with this stage's settings."""
-    if not record:
+def check_stage(known, stage, i, path):
+    """A stage run before must have been run with this stage's settings."""
+    if not known:
         return
-    diff = [k for k, v in runs.identity(vars(stage)).items() if record.get("identity", {}).get(k) != v]
+    diff = [k for k, v in stage.identity().items() if known.get("identity", {}).get(k) != v]
     if diff:
         what = ", ".join(f"--{k.replace('_', '-')} {getattr(stage, k)!r} (before: "
-                         f"{record.get('identity', {}).get(k)!r})" for k in diff[:4])
+                         f"{known.get('identity', {}).get(k)!r})" for k in diff[:4])
         raise errors.RunError(f"stage {i + 1} ({stage.model}) in {path} ran with other settings: {what}; "
                               "use the same flags as before or another --save folder")
 
@@ -173,7 +167,7 @@ class ChainEta:
         return self.cfg.epochs or models.card(self.cfg.stage_list[j]).epochs
 
     def samples_per_epoch(self):
-        return data.copies(self.cfg.aug) * (self.cfg.train_limit or 50_000)
+        return data.copies(self.cfg.aug) * (self.cfg.train_limit or data.TRAIN_IMAGES)
 
     def on_speed(self, i, images_per_s, stage_left_s):
         """Stage i measured `images_per_s` and has `stage_left_s` to go."""
@@ -186,16 +180,14 @@ class ChainEta:
         left = stage_left_s + later
         self.say(f"[chain] ETA for the whole chain: {format_duration(left)} at the measured speed of stage "
                  f"{i + 1} ({images_per_s:.3g} img/s), scaled by each later model's cost")
-        if not torch.cuda.is_available() and left > 86400:
+        if not torch.cuda.is_available() and left > DAY_S:
             self.say("[chain] ETA: on this CPU the chain would take days; for a quick run give "
                      "--width-mult 0.25 --depth-mult 0.34 --train-limit 10000 --epochs 2, or use a GPU")
 
 
 def final_evaluation(stage, ctx, last):
     """Hard-label test accuracy of the final model_best.pytar (test.py's figures) and its count."""
-    cfg = argparse.Namespace(**vars(stage))
-    cfg.model = last["model"]
-    r, net, meta = evaluate_checkpoint(cfg, last["checkpoint"], ctx)
+    r, net, meta = evaluate_checkpoint(dataclasses.replace(stage, model=last["model"]), last["checkpoint"], ctx)
     net = net.cpu().float().to(memory_format=torch.contiguous_format)
     # The original entry's counting conventions, as torchscope/count.py prints them by default.
     uci = count_model(net, mul_factor=0.5)
@@ -218,7 +210,7 @@ def report(cfg, stages, final):
     doc = {"stages": [{k: s.get(k) for k in ("model", "compressed", "teacher", "teacher_checkpoint", "checkpoint",
                                          "epochs", "best_top1", "seconds")} for s in stages],
            "final": final}
-    runs.write_json(os.path.join(cfg.save, "chain_report.json"), doc)
+    run_folder.write_json(os.path.join(cfg.save, "chain_report.json"), doc)
     lines = ["# Label-refinery chain report", "",
              "| stage | model | teacher | epochs | best top-1 | minutes | checkpoint |",
              "|---|---|---|---|---|---|---|"]
@@ -235,7 +227,7 @@ def report(cfg, stages, final):
               f"- 80% bar: {'reached' if f['reached_80'] else 'not reached'}"]
     if "compression" in f:
         lines.insert(-2, f"- compressed: {f['compression']}")
-    runs.write_text_atomic(os.path.join(cfg.save, "chain_report.md"), "\n".join(lines) + "\n")
+    run_folder.write_text_atomic(os.path.join(cfg.save, "chain_report.md"), "\n".join(lines) + "\n")
     problem = draw_chain_curves(os.path.join(cfg.save, "chain_curves.png"), stages)
     if problem:
         print(f"warning: chain_curves.png not drawn ({problem})")
@@ -265,16 +257,15 @@ def draw_chain_curves(path, stages):
         plt.close(fig)
     except (OSError, errors.ToolkitError) as e:
         plt.close("all")
-        return str(e).splitlines()[0][:160]
+        return errors.first_line(e)
     return None
 
 
 def build_parser():
-    p = train_stage.build_parser(stage_flags=False)
-    p.description = __doc__.split("\n\n")[0]
+    p = train_flags(stage_flags=False, description=__doc__.split("\n\n")[0])
     p.add_argument("--stages", default=DEFAULT_STAGES,
                    help="comma-separated models; each stage is refined by the one before it")
-    p.add_argument("--compress-epochs", type=positive_int, default=compression.FINE_TUNE_EPOCHS,
+    p.add_argument("--compress-epochs", type=positive_int, default=optim.FINE_TUNE.epochs,
                    help="epochs of the final compression stage (with --prune and/or --quant)")
     p.add_argument("--compress-lr-regime", nargs="+", default=None, metavar="START END LR",
                    help="the compression stage's LR regime (default: 0.007 while pruning, then 0.0007 "
@@ -286,7 +277,7 @@ def build_parser():
 def parse_args(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
-    cfg = train_stage.finish_args(parser, parser.parse_args(argv), argv)
+    cfg = finish_args(parser, parser.parse_args(argv), argv)
     cfg.stage_list = [s.strip() for s in cfg.stages.split(",") if s.strip()]
     unknown = [s for s in cfg.stage_list if s not in models.names()]
     if not cfg.stage_list or unknown:
@@ -300,7 +291,7 @@ def parse_args(argv=None):
         cfg.stage_spec.append(cfg.stage_list[-1] + "+compressed")
     if cfg.compress_lr_regime:
         try:
-            cfg.compress_lr_regime = format_regime(parse_regime(cfg.compress_lr_regime))
+            cfg.compress_lr_regime = optim.format_regime(optim.parse_regime(cfg.compress_lr_regime))
         except errors.ToolkitError as e:
             parser.error(f"argument --compress-lr-regime: {e}")
     if cfg.prune_schedule and cfg.prune_schedule[1] > cfg.compress_epochs:

@@ -5,6 +5,19 @@ one-line messages users see, naming the flag or file to change.
 This module imports nothing from the project, so every package may raise these without an import
 cycle.
 """
+import errno
+
+# A one-line message quotes at most this much of an underlying error's own text.
+QUOTE_CHARS = 160
+
+
+def first_line(e, limit=QUOTE_CHARS):
+    """The first line of an exception's text (or of a string), cut to `limit` characters; the
+    exception's type name when it has no text."""
+    lines = str(e).strip().splitlines()
+    if not lines:
+        return type(e).__name__ if isinstance(e, BaseException) else ""
+    return lines[0][:limit]
 
 
 class ToolkitError(Exception):
@@ -56,4 +69,19 @@ class RunError(ToolkitError):
 
 
 class StorageError(RunError):
-    """A write failed: disk full, no inodes, permissions."""
+    """A file or folder could not be written. `cause` says why, when the OS said: "full" (no space
+    or inodes), "denied" (permissions) or "read-only" (the file system); None otherwise."""
+
+    def __init__(self, message, *, setting=None, cause=None):
+        super().__init__(message, setting=setting)
+        self.cause = cause
+
+
+_CAUSES = {errno.ENOSPC: "full", errno.EDQUOT: "full", errno.EACCES: "denied", errno.EPERM: "denied",
+           errno.EROFS: "read-only"}
+
+
+def storage_error(path, e, doing="write", setting=None):
+    """The StorageError for an OSError `e` met writing `path`: one line with the OS's reason."""
+    return StorageError(f"could not {doing} {path}: {e.strerror or first_line(e)}", setting=setting,
+                        cause=_CAUSES.get(e.errno))

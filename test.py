@@ -11,6 +11,7 @@ import json
 import sys
 
 import compress
+import data
 import errors
 import torchscope
 from cli.args import add_data_args, add_model_args, positive_int, typed
@@ -40,7 +41,7 @@ def main(argv=None):
         tta_note = f" with flip TTA, whose score is {r['tta_score']:.6f} (count.py --rules micronet --tta), not the single-pass score"
         print(f"flip TTA: two forward passes per image and their average; MicroNet score with TTA "
               f"{r['tta_score']:.6f} (count.py --rules micronet --tta)")
-    if r["total"] == 10000:
+    if r["total"] == data.TEST_IMAGES:
         verdict = "meets" if r["reached_80"] else "misses"
         print(f"MicroNet CIFAR-100 bar (80% top-1): {verdict} it{tta_note}")
     else:
@@ -50,7 +51,7 @@ def main(argv=None):
             with open(args.json, "w") as f:
                 json.dump(r, f, indent=2)
         except OSError as e:
-            raise errors.ToolkitError(f"cannot write --json {args.json}: {e.strerror}") from None
+            raise errors.storage_error(args.json, e, setting="json") from None
     return 0
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""Where does the training loop wait for the device? Runs train.py and lists every host
-synchronisation made inside train.py's epoch loop, by source line.
+"""Where does the training loop wait for the device? Runs train.py's training (engine.trainer)
+and lists every host synchronisation made inside its epoch loop, by source line.
 
     python bench/sync_check.py --json OUT.json -- --device cuda --epochs 1 --train-limit 20000 ...
     python bench/sync_check.py -- --device cpu --model efficientnet_ex --width-mult 0.25 ...
@@ -16,7 +16,6 @@ By design train.py reads the device once per log interval (the non-finite loss c
 end of the epoch; anything else is a stall to remove. On the CPU, where that check is free, train.py
 makes it every step; here the GPU's cadence is used unless --cpu-cadence is given.
 """
-import argparse
 import collections
 import contextlib
 import os
@@ -24,13 +23,20 @@ import sys
 import traceback
 import warnings
 
+# `python bench/NAME.py` puts bench/ on sys.path, not the root that holds the project's packages.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import errors
 from bench import common, summary
+from cli.errors import run_main
+from cli.train_flags import parse_config
+from engine import trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-_ROOT = os.path.dirname(_HERE)
 # aten ops that copy a device value to the host, so that on a GPU the host waits for the device.
 HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_unique2", "repeat_interleave"}
 
@@ -38,11 +44,11 @@ HOST_READS = {"_local_scalar_dense", "nonzero", "masked_select", "unique", "_uni
 def _ours(path):
     """Whether `path` is this project's code (outside bench/ and the virtual environment)."""
     path = os.path.abspath(path)
-    return path.startswith(_ROOT + os.sep) and not path.startswith(_HERE) and ".venv" not in path
+    return path.startswith(common.ROOT + os.sep) and not path.startswith(_HERE) and ".venv" not in path
 
 
 def _location(path, line):
-    return f"{os.path.relpath(path, _ROOT) if _ours(path) else path}:{line}"
+    return f"{os.path.relpath(path, common.ROOT) if _ours(path) else path}:{line}"
 
 
 def _where(stack):
@@ -87,45 +93,34 @@ def detect(device, counts):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     ours, train_argv = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = common.parser(__doc__)
     p.add_argument("--json", default=None)
     p.add_argument("--cpu-cadence", action="store_true",
                    help="on the CPU keep its every-step non-finite check; by default the GPU's cadence "
                         "(once per log interval) is used, so the count shows what a GPU run would do")
     a = p.parse_args(ours)
 
-    train = common.load_script("train")
+    cfg = parse_config(train_argv + ["--no-progress"])
     counts = collections.Counter()
     steps, devices = [], set()
-    epoch_loop = train.train_one_epoch
 
-    def watched(parts, loader, epoch, epochs, run):
+    @contextlib.contextmanager
+    def watched(loader, first_step):
         devices.add(loader.device)
-        state = run.state
-        first = state.next_step if state.partial is not None and epoch == state.next_epoch else 0
         with detect(loader.device, counts):
-            result = epoch_loop(parts, loader, epoch, epochs, run)
-        steps.append(len(loader) - first)
-        return result
+            yield
+        steps.append(len(loader) - first_step)
 
-    check_every = train.nan_check_every
-    if not a.cpu_cadence:
-        train.nan_check_every = lambda args, device: check_every(args, torch.device("cuda"))
-    train.train_one_epoch = watched
-    try:
-        result = train.run(train_argv + ["--no-progress"])
-    finally:
-        train.train_one_epoch, train.nan_check_every = epoch_loop, check_every
+    # By default the GPU's cadence of the non-finite check, so the count shows what a GPU run does.
+    cadence = None if a.cpu_cadence else torch.device("cuda")
+    result = trainer.train(cfg, trainer.Hooks(around_epoch=watched, check_cadence_device=cadence))
     if not steps:
-        raise SystemExit("error: train.py trained no epoch, so there is nothing to check; give it --epochs "
-                         "and a new --save folder")
-    args = train.parse_args(train_argv)
+        raise errors.RunError("train.py trained no epoch, so there is nothing to check; give it --epochs "
+                              "and a new --save folder")
     (device,) = devices
     n_steps = sum(steps)
-    doc = {"bench": "sync_check", "device": str(device), "steps": n_steps, "log_interval": args.log_interval,
-           "nan_check_every": train.nan_check_every(args, torch.device("cuda")
-                                                    if not a.cpu_cadence else device),
+    doc = {"bench": "sync_check", "device": str(device), "steps": n_steps, "log_interval": cfg.log_interval,
+           "nan_check_every": trainer.nan_check_every(cfg.nan_policy, cfg.log_interval, cadence or device),
            "syncs": dict(counts), "syncs_total": sum(counts.values()),
            "syncs_per_step": sum(counts.values()) / max(n_steps, 1), "train_folder": result["folder"],
            "detector": ("torch.cuda.set_sync_debug_mode('warn')" if device.type == "cuda"
@@ -134,10 +129,10 @@ def main(argv=None):
     if a.json:
         common.write_json(a.json, doc)
     print(f"host synchronisations inside train.py's epoch loop: {doc['syncs_total']} in {n_steps} steps "
-          f"({doc['syncs_per_step']:.3f} a step; log interval {args.log_interval}) on {device}")
+          f"({doc['syncs_per_step']:.3f} a step; log interval {cfg.log_interval}) on {device}")
     print(summary.sync_table(doc))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

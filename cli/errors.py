@@ -1,4 +1,6 @@
-"""Typed library errors -> one line on stderr that names the flag or file to change, exit code 2."""
+"""Typed library errors -> one line on stderr that names the flag or file to change, and the exit code:
+2 for a usage error (a flag's value or a combination of flags: errors.ConfigError, as argparse's own
+errors), 1 for a failure at run time (a missing or damaged file, the data, storage, a diverged run)."""
 import sys
 
 import errors
@@ -13,9 +15,15 @@ _HINTS = (
     (errors.DownloadFailed, "connect to the internet, or pass --data_dir to a folder containing "
                             "cifar-100-python/ and add --no-download"),
     (errors.ArchitectureMismatch, "pass the matching --model/--width-mult/--depth-mult/--coslinear"),
-    (errors.StorageError, "free disk space or inodes, or choose another --save folder, then run the "
-                          "same command with --resume auto"),
 )
+
+# A StorageError's advice follows its cause: a full disk is freed, a folder one cannot write is changed.
+_STORAGE_HINTS = {
+    "full": "free disk space or inodes, or choose another --save folder, then run the same command with "
+            "--resume auto",
+    "denied": "fix the permissions, or choose a folder this user can write",
+    "read-only": "the file system is mounted read-only: choose a writable folder",
+}
 
 
 def flag(setting):
@@ -28,17 +36,25 @@ def message(e):
     text = str(e)
     if getattr(e, "setting", None):
         text = f"{flag(e.setting)}: {text}"
-    for cls, hint in _HINTS:
-        if isinstance(e, cls):
-            text = f"{text}; {hint}"
-            break
+    hint = _STORAGE_HINTS.get(e.cause) if isinstance(e, errors.StorageError) else None
+    hint = hint or next((h for cls, h in _HINTS if isinstance(e, cls)), None)
+    if hint:
+        text = f"{text}; {hint}"
     return " ".join(text.split())
 
 
+USAGE, FAILURE = 2, 1
+
+
+def exit_code(e):
+    """2 for a usage error, 1 for a failure at run time."""
+    return USAGE if isinstance(e, errors.ConfigError) else FAILURE
+
+
 def run_main(main, argv=None):
-    """Run a script's main; a ToolkitError becomes one line on stderr and exit code 2."""
+    """Run a script's main; a ToolkitError becomes one line on stderr and its exit code."""
     try:
         return main(argv)
     except errors.ToolkitError as e:
         print(f"error: {message(e)}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_code(e))

@@ -5,7 +5,7 @@ Imports nothing from engine, refinery, torchscope or the scripts; errors are tho
 Files (data/cifar.py):
     load_cifar100(root, train, download=True) -> (images uint8 [N,3,32,32], labels int64 [N])
         raises errors.DataNotFound, DownloadFailed, DataPermission, DataError (corrupt or foreign file)
-    MEAN, STD, NUM_CLASSES
+    MEAN, STD, NUM_CLASSES, TRAIN_IMAGES (50,000), TEST_IMAGES (10,000)
 
 Augmentation (data/augment.py; recipes are data, see RECIPES and OPS there):
     AUG_RECIPES = ("uci", "standard", "none"); ALIASES = {"seed": "uci"}
@@ -29,10 +29,10 @@ Loaders (data/loader.py):
     derive_seed(*parts) -> a 63-bit random seed hashed from a tuple of tags and ints
 """
 from .augment import ALIASES, AUG_RECIPES, RECIPES, apply, copies, draw, recipe_name
-from .cifar import MEAN, NUM_CLASSES, STD, load_cifar100
+from .cifar import MEAN, NUM_CLASSES, STD, TEST_IMAGES, TRAIN_IMAGES, load_cifar100
 from .loader import EvalLoader, Placement, TrainLoader, derive_seed, make_pipeline, subset
 
 __all__ = [
-    "ALIASES", "AUG_RECIPES", "MEAN", "NUM_CLASSES", "RECIPES", "STD", "EvalLoader", "Placement", "TrainLoader", "apply",
+    "ALIASES", "AUG_RECIPES", "MEAN", "NUM_CLASSES", "RECIPES", "STD", "TEST_IMAGES", "TRAIN_IMAGES", "EvalLoader", "Placement", "TrainLoader", "apply",
     "copies", "derive_seed", "draw", "load_cifar100", "make_pipeline", "recipe_name", "subset",
 ]

@@ -6,14 +6,15 @@ import stat
 import numpy as np
 import torch
 
-from errors import DataError, DataNotFound, DataPermission, DownloadFailed
+from errors import DataError, DataNotFound, DataPermission, DownloadFailed, first_line
 
 # CIFAR-10 statistics: the original recipe normalised CIFAR-100 with these, and we keep its numbers.
 MEAN = (0.4914, 0.4822, 0.4465)
 STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = 100
 FOLDER = "cifar-100-python"
-_SPLITS = {True: ("train", 50_000), False: ("test", 10_000)}
+TRAIN_IMAGES, TEST_IMAGES = 50_000, 10_000
+_SPLITS = {True: ("train", TRAIN_IMAGES), False: ("test", TEST_IMAGES)}
 
 # The only globals a CIFAR pickle needs: numpy array/dtype reconstruction (numpy 1.x and 2.x module
 # paths; `_frombuffer` is how protocol 5 stores arrays), plus the bytes helpers that Python 3 emits
@@ -57,10 +58,9 @@ def _download(root):
     download_and_extract_archive(CIFAR100.url, root, filename=CIFAR100.filename, md5=CIFAR100.tgz_md5)
 
 
-def _short(e):
+def _described(e):
     """An exception as one short line, so the user's error message stays on one line."""
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:120]}" if text else type(e).__name__
+    return f"{type(e).__name__}: {first_line(e)}"
 
 
 def _denied(path, doing="read"):
@@ -84,14 +84,14 @@ def _read_pickle(path):
     except PermissionError:
         raise _denied(path) from None
     except OSError as e:
-        raise DataError(f"cannot read {path} ({_short(e)})") from None
+        raise DataError(f"cannot read {path} ({_described(e)})") from None
     try:
         with f:
             return _CifarUnpickler(f, path).load()
     except DataError:
         raise
     except Exception as e:  # any decoding failure of an untrusted file means the file is bad
-        raise DataError(f"{path} is truncated or corrupt ({_short(e)}); delete it "
+        raise DataError(f"{path} is truncated or corrupt ({_described(e)}); delete it "
                         f"and re-run the unpack script or re-download") from None
 
 
@@ -145,7 +145,7 @@ def load_cifar100(root, train: bool, download: bool = True):
         except PermissionError:
             raise _denied(folder, "write CIFAR-100 to") from None
         except Exception as e:
-            raise DownloadFailed(f"could not download CIFAR-100 to {folder} ({_short(e)})") from None
+            raise DownloadFailed(f"could not download CIFAR-100 to {folder} ({_described(e)})") from None
         if not _is_file(path):
             raise DownloadFailed(f"the CIFAR-100 download did not produce {path}; delete {folder} and retry")
     data, labels = _validate(_read_pickle(path), path, split, expected)

@@ -1,4 +1,5 @@
-"""Checkpoint files: atomic writes, safe loads, checksums, and fitting weights to a model.
+"""The checkpoint file format, in one place: atomic writes, safe loads, checksums, and fitting
+weights to a model.
 
 Formats we read:
 - a bare state_dict (the original entry's `model_state_*.pytar`, our `model_state_{epoch:02}.pytar`);
@@ -7,12 +8,18 @@ Formats we read:
 Every load is `torch.load(weights_only=True)`: a file that would run code when unpickled is refused.
 A wrapped file carries a checksum of all its tensors and plain values, verified on every load, so
 flipped bytes inside tensor data are caught instead of resumed from.
+
+Every write is atomic: a uniquely named temporary file in the same folder, fsync, rename, fsync of
+the folder. The file under its real name is always whole, old or new; any OSError (disk full, no
+inodes, permissions) becomes a StorageError and leaves the previous file as it was, and no
+temporary behind (a killed write leaves one, which run_folder.remove_temporaries clears).
 """
 import hashlib
 import os
 import pickle
 import pickletools
 import re
+import tempfile
 import zipfile
 
 import torch
@@ -21,18 +28,51 @@ import compress
 import errors
 import models
 
-from .atomic import write_atomic
+# The wrapped files' layout, versioned: /2 stores a mid-epoch meter as its five named sums (meter.FIELDS);
+# /1 files, still read, may hold the four sums written before the meter had names.
+FORMAT = "micronet-cifar100/2"
+FORMAT_V1 = "micronet-cifar100/1"
+FORMATS = (FORMAT, FORMAT_V1)
 
-FORMAT = "micronet-cifar100/1"
+TMP_PREFIX = ".tmp-"
 
 
-def _short(e):
-    text = str(e).strip().splitlines()
-    return text[0][:160] if text else type(e).__name__
+def write_atomic(path, write, binary=True):
+    """Call write(f) on a temporary file, then put it in place of `path`."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".part", dir=folder)
+        with os.fdopen(fd, "wb" if binary else "w") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        tmp = None
+        fsync_dir(folder)
+    except OSError as e:
+        raise errors.storage_error(path, e) from None
+    finally:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def fsync_dir(folder):
+    """Make a rename inside `folder` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def save_atomic(obj, path):
-    """torch.save `obj` to `path` atomically (engine.atomic)."""
+    """torch.save `obj` to `path` atomically (write_atomic)."""
     write_atomic(path, lambda f: torch.save(obj, f))
 
 
@@ -87,19 +127,43 @@ def load_file(path, mmap=False):
                 "only checkpoints holding tensors and plain values load") from None
         detail = re.search(r"WeightsUnpickler error:\s*(\S[^\n]*)", str(e))
         raise errors.CheckpointError(f"{path} is not a readable checkpoint "
-                                     f"({detail.group(1).strip() if detail else _short(e)}); it may be "
+                                     f"({detail.group(1).strip() if detail else errors.first_line(e)}); it may be "
                                      "truncated or corrupt: use another file") from None
     except PermissionError:
         raise errors.CheckpointError(f"checkpoint {path} cannot be read: permission denied") from None
     except (EOFError, RuntimeError, zipfile.BadZipFile, ValueError, OSError, KeyError, IndexError) as e:
         # KeyError/IndexError: torch's legacy (non-zip) reader on bytes that are no pickle at all.
-        detail = "not a PyTorch file" if isinstance(e, (KeyError, IndexError)) else _short(e)
+        detail = "not a PyTorch file" if isinstance(e, (KeyError, IndexError)) else errors.first_line(e)
         raise errors.CheckpointError(f"{path} is not a readable checkpoint ({detail}); it may be "
                                      "truncated or corrupt: use another file") from None
-    if isinstance(obj, dict) and obj.get("format") == FORMAT and "checksum" in obj:
+    if isinstance(obj, dict) and obj.get("format") in FORMATS and "checksum" in obj:
         if checksum(obj) != obj["checksum"]:
             raise errors.CheckpointError(f"{path} is damaged: its contents do not match their checksum; "
                                          "use another file (a run resumes from an intact last.pytar)")
+    return obj
+
+
+def is_wrapped(obj):
+    """Whether `obj` is one of our wrapped files (any FORMATS version)."""
+    return isinstance(obj, dict) and obj.get("format") in FORMATS
+
+
+def is_training_state(obj):
+    """Whether `obj` is a last.pytar: a wrapped file with the training position."""
+    return is_wrapped(obj) and "train" in obj
+
+
+def upgrade(obj):
+    """A wrapped file in the current layout (FORMAT): a /1 last.pytar's mid-epoch meter with four sums
+    (loss, correct, count, agree) gets the five of meter.FIELDS (loss, correct, correct5, agree,
+    count; no top-5 in training). Returns obj, changed in place."""
+    if is_training_state(obj) and obj["format"] == FORMAT_V1:
+        partial = obj["train"].get("partial")
+        if partial is not None and torch.as_tensor(partial["sums"]).numel() == 4:
+            sums = torch.as_tensor(partial["sums"], dtype=torch.float64)
+            zero = torch.zeros((), dtype=torch.float64)
+            partial["sums"] = torch.stack([sums[0], sums[1], zero, sums[3], sums[2]])
+        obj["format"] = FORMAT
     return obj
 
 
@@ -139,7 +203,7 @@ def strip_prefixes(state):
 
 def state_dict_of(obj, path):
     """The model state_dict inside a loaded file, and our metadata (empty for a bare state_dict)."""
-    if isinstance(obj, dict) and obj.get("format") == FORMAT and is_state_dict(obj.get("model")):
+    if is_wrapped(obj) and is_state_dict(obj.get("model")):
         # last.pytar keeps the training statistics for resuming, and beside them the BatchNorm
         # statistics its last evaluation used (engine.precise_bn): weights are evaluated with those.
         return {**strip_prefixes(obj["model"]), **(obj.get("eval_bn") or {})}, obj

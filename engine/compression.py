@@ -5,38 +5,12 @@ and stepped at each epoch's start; both restored on resume; and the record the c
 A dense run (no pruning, no quantisation) stores nothing of this: its files are as before.
 """
 import contextlib
-import math
 import os
 
 import compress
 import errors
 
 from . import checkpoint
-
-
-# A fine-tuning run (one started from trained weights, e.g. to compress them) lasts this many epochs
-# unless told otherwise.
-FINE_TUNE_EPOCHS = 30
-
-
-def fine_tune_regime(epochs, lr=0.007):
-    """The LR regime of a fine-tuning run of `epochs`: the original regime's second LR (0.007) while
-    the pruning span runs (default_prune_span), then a tenth and a hundredth of it for the rest, as
-    the original regime ends. Triples (start, end, lr)."""
-    span_end = default_prune_span(epochs)[1]
-    if span_end >= epochs:
-        return ((1, epochs, lr),)
-    mid = span_end + max(1, (epochs - span_end) // 2)
-    phases = [(1, span_end, lr), (span_end + 1, mid, round(lr / 10, 12))]
-    if mid < epochs:
-        phases.append((mid + 1, epochs, round(lr / 100, 12)))
-    return tuple(phases)
-
-
-def default_prune_span(epochs):
-    """Prune over the first two thirds of the run, from epoch 1, then train at the target sparsity
-    for the last third (Zhu & Gupta prune early and let the rest of training recover)."""
-    return [1, max(1, math.ceil(2 * epochs / 3))]
 
 
 def quantise(net, quant, first_last=None):
@@ -47,14 +21,12 @@ def quantise(net, quant, first_last=None):
     return net
 
 
-def check_settings(args):
-    """Settings that QAT changes or refuses (called once a resumed run's settings are inherited)."""
-    if args.quant and args.activation_checkpointing:
+def check(cfg):
+    """Settings that QAT refuses (checked once a resumed run's settings are inherited)."""
+    if cfg.quant and cfg.activation_checkpointing:
         raise errors.ConfigError("recomputing each block in the backward pass cannot be combined with "
                                  "quantisation-aware training: it would observe the block's input ranges twice",
                                  setting="activation_checkpointing")
-    if args.quant and args.compile is None:
-        args.compile = False  # torch.compile of the fake quantisers is untried: QAT runs eager unless asked
 
 
 def make_pruner(net, optimizer, target, span, scope):
@@ -131,7 +103,7 @@ def init_from(net, path):
     return f"initialised from {path}" + (f" (epoch {epoch})" if epoch else "") + what
 
 
-def describe(net, pruner):
+def log_line(net, pruner):
     """One log line for a compressed run, or None."""
     parts = []
     q = compress.quantised_layers(net)

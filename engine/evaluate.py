@@ -1,6 +1,4 @@
 """Evaluation on hard labels: loss, top-1, top-5, correct count, and agreement with a teacher."""
-import argparse
-
 import torch
 
 import data
@@ -10,7 +8,7 @@ from loss import make_criterion
 from . import checkpoint, compression, speed
 from .meter import Meter
 
-CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of 10,000 test images
+CHALLENGE_BAR = 80.0  # MicroNet CIFAR-100 track: at least 8,000 of the 10,000 test images
 
 
 @torch.inference_mode()
@@ -43,23 +41,21 @@ def evaluate(model, loader, criterion, autocast, teacher=None, tta=False, keep_m
 def evaluate_checkpoint(cfg, path, ctx, tta=False):
     """test.py's figures for a checkpoint file: (result with reached_80, the loaded model, file meta).
 
-    cfg holds model, coslinear, width_mult, depth_mult, s, amp, eval_batch_size, test_limit,
-    data_dir and no_download (test.py's and train.py's settings of those names). Inference runs
-    as training evaluated: bf16 and channels_last on CUDA, fp32 on the CPU; a checkpoint with
-    quantised layers (its compression record) in fp32 everywhere, the numerics it was trained for."""
-    fast = argparse.Namespace(amp=cfg.amp, channels_last=None, compile=False, fused_optimizer=None)
-    speed.resolve(fast, ctx.device)
-    fmt = speed.memory_format(fast)
+    cfg is anything with the settings model, coslinear, width_mult, depth_mult, s, amp,
+    eval_batch_size, test_limit, data_dir and no_download (test.py's parsed flags, a RunConfig); it
+    is only read. Inference runs as training evaluated: bf16 and channels_last on CUDA, fp32 on the
+    CPU; a checkpoint with quantised layers (its compression record) in fp32 everywhere, the
+    numerics it was trained for."""
     model = models.create(cfg.model, head=models.head_name(cfg.coslinear), width_mult=cfg.width_mult,
                           depth_mult=cfg.depth_mult)
     meta = checkpoint.load_weights(model, path)
-    if compression.exact_numerics(model):
-        fast.amp = "off"
-    model.to(device=ctx.device, memory_format=fmt)
+    amp = "off" if compression.exact_numerics(model) else cfg.amp
+    fast = speed.resolve(amp=amp, compile=False, device=ctx.device)
+    model.to(device=ctx.device, memory_format=fast.memory_format)
     images, labels = data.load_cifar100(cfg.data_dir, train=False, download=not cfg.no_download)
     images, labels = data.subset(images, labels, cfg.test_limit)
     loader = data.EvalLoader(images, labels, cfg.eval_batch_size,
-                             place=data.Placement(ctx.device, ctx.rank, ctx.world_size, fmt))
-    r = evaluate(model, loader, make_criterion(cfg.coslinear, cfg.s), speed.autocast(fast, ctx.device), tta=tta)
-    r["reached_80"] = r["total"] == 10000 and r["top1"] >= CHALLENGE_BAR
+                             place=data.Placement(ctx.device, ctx.rank, ctx.world_size, fast.memory_format))
+    r = evaluate(model, loader, make_criterion(cfg.coslinear, cfg.s), fast.autocast(ctx.device), tta=tta)
+    r["reached_80"] = r["total"] == data.TEST_IMAGES and r["top1"] >= CHALLENGE_BAR
     return r, model, meta

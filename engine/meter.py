@@ -39,10 +39,8 @@ class Meter:
         return self.sums.detach().cpu()
 
     def load(self, sums):
-        sums = torch.as_tensor(sums, dtype=torch.float64)
-        if sums.numel() == 4:  # written before the meter had names: loss, correct, count, agree
-            sums = torch.stack([sums[0], sums[1], torch.zeros((), dtype=torch.float64), sums[3], sums[2]])
-        self.sums.copy_(sums)
+        """Sums in FIELDS order (older checkpoints are converted on load: checkpoint.upgrade)."""
+        self.sums.copy_(torch.as_tensor(sums, dtype=torch.float64))
 
     def totals(self, reduce=False):
         """The sums as a dict of floats (one host read), summed over ranks when `reduce`."""

@@ -14,10 +14,13 @@ LINE_SECONDS = 60.0
 ETA_AFTER = 30.0
 
 
+DAY_S = 86400
+
+
 def format_duration(seconds):
     """3725 -> '1h02m', 125 -> '2m05s', 42 -> '42s'; days for long runs."""
     seconds = max(0, int(round(seconds)))
-    d, rem = divmod(seconds, 86400)
+    d, rem = divmod(seconds, DAY_S)
     h, rem = divmod(rem, 3600)
     m, s = divmod(rem, 60)
     if d:

@@ -16,7 +16,7 @@ import torch
 
 import models
 
-from . import checkpoint, compression, distributed, runs
+from . import checkpoint, compression, distributed, run_folder
 
 
 def rng_state(device):
@@ -31,10 +31,10 @@ def set_rng_state(state, device):
 
 
 class CheckpointSaver:
-    def __init__(self, folder, net, optimizer, scaler, args, ctx, log, pruner=None):
+    def __init__(self, folder, net, optimizer, scaler, cfg, ctx, log, pruner=None):
         self.folder, self.net, self.optimizer, self.scaler = folder, net, optimizer, scaler
-        self.args, self.ctx, self.log, self.pruner = args, ctx, log, pruner
-        self.refined = bool(args.label_refinery_model)
+        self.cfg, self.ctx, self.log, self.pruner = cfg, ctx, log, pruner
+        self.refined = cfg.refined
 
     def path(self, name):
         return os.path.join(self.folder, name)
@@ -54,7 +54,7 @@ class CheckpointSaver:
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
             "train": state.to_dict(),
             "history": list(state.history),
-            "args": {k: v for k, v in vars(self.args).items() if k not in ("argv", "given", "script")},
+            "args": self.cfg.settings(),
             # Informational: each epoch reseeds from (seed, epoch, rank), and a mid-epoch state keeps
             # every rank's streams in train.partial.rng.
             "rng": {**rng_state(self.ctx.device), "python": random.getstate()},
@@ -83,7 +83,7 @@ class CheckpointSaver:
             return
         weights = {**checkpoint.bare_state(self.net), **(eval_bn or {})}
         record = compression.record(self.net, self.pruner)
-        if self.args.keep_epoch_states:
+        if self.cfg.keep_epoch_states:
             # The original entry's bare state_dict; a compressed run's epoch states are wrapped, so
             # that each carries the record it is evaluated and counted with.
             epoch_file = weights if record is None else checkpoint.weights_file(
@@ -92,32 +92,16 @@ class CheckpointSaver:
         if is_best:
             extra = {} if record is None else {"compression": record}
             checkpoint.save_atomic(checkpoint.weights_file(self.net, state=weights, epoch=epoch, test=test,
-                                                           args=self.args.model, **extra),
+                                                           args=self.cfg.model, **extra),
                                    self.path("model_best.pytar"))
         self._commit(state, eval_bn, record)
         self.refresh(state)
 
     def _commit(self, state, eval_bn=None, record=None):
         checkpoint.save_atomic(self.training_state(state, eval_bn, record), self.path("last.pytar"))
-        runs.write_json(self.path("status.json"), status_of(state))
+        run_folder.write_json(self.path("status.json"), run_folder.status_of(state))
 
     def refresh(self, state):
         """The derived files, rewritten from the state (after every epoch and when a run opens)."""
         if self.ctx.is_main:
-            write_derived(self.folder, state, self.refined, self.log)
-
-
-def write_derived(folder, state, refined, log):
-    """status.json, metrics.csv and curves.png from a run's state; curves that cannot be drawn
-    only cost a warning."""
-    runs.write_json(os.path.join(folder, "status.json"), status_of(state))
-    runs.write_metrics(folder, state.history, refined)
-    problem = runs.draw_curves(os.path.join(folder, "curves.png"), state.history, os.path.basename(folder))
-    if problem:
-        log(f"warning: curves.png not drawn ({problem}); training goes on")
-
-
-def status_of(state):
-    """status.json: where the run stands (for people and scripts; the run itself trusts last.pytar)."""
-    return {"next_epoch": state.next_epoch, "next_step": state.next_step, "finished": state.finished,
-            "best": state.best}
+            run_folder.write_derived(self.folder, state, self.refined, self.log)

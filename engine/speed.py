@@ -4,6 +4,7 @@ Each speed-up has a setting; `None` means "pick the fastest for this device".
 """
 import contextlib
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -12,53 +13,60 @@ import errors
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def resolve(args, device):
-    """Fill in the automatic choices of args (amp, channels_last, compile, fused) for `device`."""
-    cuda = device.type == "cuda"
-    if args.amp is None:
-        # bf16 needs no loss scaling and halves activation traffic; on CPUs autocast mostly slows.
-        args.amp = "bf16" if cuda else "off"
-    if args.amp not in ("bf16", "fp16", "off"):
-        raise errors.ConfigError(f"unknown autocast type {args.amp!r}; use bf16, fp16 or off", setting="amp")
-    if args.amp == "fp16" and not cuda:
+@dataclass(frozen=True)
+class Speed:
+    """The speed switches a run uses on its device: the configuration's, with its automatic
+    choices (None) made (`resolve`)."""
+    amp: str = "off"
+    channels_last: bool = False
+    compile: bool = False
+    fused_optimizer: bool = False
+
+    @property
+    def memory_format(self):
+        return torch.channels_last if self.channels_last else torch.contiguous_format
+
+    def autocast(self, device):
+        if self.amp == "off":
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[self.amp])
+
+
+def resolve(amp=None, channels_last=None, compile=None, fused_optimizer=None, device=None, quantised=False):
+    """The Speed for `device` from settings that may be None (pick the fastest); ConfigError for an
+    autocast type the device cannot run."""
+    cuda = device is not None and device.type == "cuda"
+    # bf16 needs no loss scaling and halves activation traffic; on CPUs autocast mostly slows.
+    amp = amp if amp is not None else ("bf16" if cuda else "off")
+    if amp not in ("bf16", "fp16", "off"):
+        raise errors.ConfigError(f"unknown autocast type {amp!r}; use bf16, fp16 or off", setting="amp")
+    if amp == "fp16" and not cuda:
         raise errors.ConfigError("fp16 autocast needs a CUDA device; use bf16 or off on the CPU",
                                  setting="amp")
-    if args.channels_last is None:
-        # NHWC suits this network's depthwise and 1x1 convs on both cuDNN and oneDNN (measured
-        # 1.4x on CPU for a narrow ex train step; see bench/step.py).
-        args.channels_last = True
-    if args.compile is None:
-        # Compiling fuses the BN/Swish/SE elementwise chains that dominate this network's step;
-        # on CPUs the compile time outweighs the gain for the short runs people do there.
-        args.compile = cuda
-    if args.fused_optimizer is None:
-        args.fused_optimizer = cuda
-    if cuda:
+    if compile is None:
+        # Compiling fuses the BN/Swish/SE elementwise chains that dominate this network's step; on
+        # CPUs the compile time outweighs the gain for the short runs people do there. Fake
+        # quantisers under torch.compile are untried: QAT runs eager unless asked.
+        compile = cuda and not quantised
+    return Speed(amp=amp,
+                 # NHWC suits this network's depthwise and 1x1 convs on both cuDNN and oneDNN
+                 # (measured 1.4x on CPU for a narrow ex train step; see bench/step.py).
+                 channels_last=True if channels_last is None else channels_last,
+                 compile=compile, fused_optimizer=cuda if fused_optimizer is None else fused_optimizer)
+
+
+def of_config(cfg, device, quantised=False):
+    """The Speed of a run configuration (or anything with its four speed settings) on `device`."""
+    return resolve(cfg.amp, cfg.channels_last, cfg.compile, cfg.fused_optimizer, device, quantised)
+
+
+def set_global_switches(device):
+    """torch's process-wide switches for speed on `device`: cuDNN's autotuner and TF32 matmuls on
+    CUDA (the one place this toolkit changes global torch state)."""
+    if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return args
-
-
-def memory_format(args):
-    return torch.channels_last if args.channels_last else torch.contiguous_format
-
-
-def autocast(args, device):
-    if args.amp == "off":
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=AMP_DTYPES[args.amp])
-
-
-def make_optimizer(params, args, lr):
-    """SGD as the original entry: momentum, weight decay on all parameters, no Nesterov."""
-    kw = dict(lr=lr, momentum=args.momentum, weight_decay=args.weight_decay, nesterov=False)
-    if args.fused_optimizer:
-        try:
-            return torch.optim.SGD(params, fused=True, **kw)
-        except (RuntimeError, TypeError):
-            pass
-    return torch.optim.SGD(params, foreach=True, **kw)
 
 
 def probe(module, x, autocast_ctx):
@@ -99,6 +107,5 @@ def compile_module(module, x, autocast_ctx, log, train=True):
                 compiled(x)
         return compiled
     except Exception as e:  # compile back-ends fail in many ways (no compiler, no triton, ...)
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        log(f"torch.compile is unavailable here ({type(e).__name__}: {first[:120]}); running eager")
+        log(f"torch.compile is unavailable here ({type(e).__name__}: {errors.first_line(e)}); running eager")
         return module

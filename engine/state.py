@@ -17,7 +17,7 @@ class RunState:
     world_size: int = 1
     finished: bool = False
 
-    def record(self, row, test, eligible=True):
+    def add_epoch(self, row, test, eligible=True):
         """Add an epoch's row; returns whether its test top-1 is the best so far among the eligible
         epochs (a pruned run's: those at the target sparsity)."""
         self.history.append(row)

@@ -1,5 +1,6 @@
-"""The training step: train.py, chain.py and bench/step.py all call `train_step`, and nothing else
-updates the weights.
+"""The training step: the Trainer and bench/step.py call `train_step`, the one place where gradients
+update the weights. (A pruner's step post-hook then zeroes the pruned weights, and loading a
+compression record sets quantised numerics: neither is a training update.)
 """
 from dataclasses import dataclass
 from typing import Any, Callable

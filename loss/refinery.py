@@ -1,6 +1,5 @@
 """Label-refinery soft-target loss (arXiv 1805.02641) on scaled cosines."""
 import torch
-from torch import nn
 
 
 def refined_targets(teacher_logits):
@@ -13,8 +12,3 @@ def soft_target_loss(student_logits, teacher_logits):
     p = refined_targets(teacher_logits).detach()
     log_q = torch.log_softmax(student_logits.float(), dim=1)
     return -(p * log_q).sum(dim=1).mean()
-
-
-class SoftTargetLoss(nn.Module):
-    def forward(self, student_logits, teacher_logits):
-        return soft_target_loss(student_logits, teacher_logits)

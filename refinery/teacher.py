@@ -1,13 +1,18 @@
-"""The frozen teacher and the refined objective (label refinery, arXiv 1805.02641).
+"""The teacher: loaded from a checkpoint file (ours or the original entry's) and frozen, and the
+refined objective (label refinery, arXiv 1805.02641).
 
 The teacher sees the very same augmented batch as the student, inside the same autocast region and
 memory format, under no_grad; its parameters never change. DDP wraps the student alone, so each
 rank runs its own teacher copy on its own shard and no teacher buffer is ever broadcast.
 """
+import os
+
 import torch
 from torch import nn
 
 import errors
+import models
+from engine.checkpoint import load_weights
 from loss import logits_from_output, soft_target_loss
 
 BN_MODES = ("eval", "train")
@@ -29,6 +34,22 @@ def freeze(teacher, bn_mode="eval"):
                 m.train()
                 m.track_running_stats = False
     return teacher
+
+
+def load_teacher(name, path, head="cosine", width_mult=None, depth_mult=None, bn_mode="eval",
+                 device="cpu", memory_format=torch.contiguous_format):
+    """Build `name`, load its weights from `path` (applying a compression record it holds) and
+    freeze it; returns (teacher, file metadata)."""
+    if not path:
+        raise errors.ConfigError("a teacher model needs its checkpoint file (the teacher's "
+                                 "model_best.pytar)", setting="label_refinery_state_file")
+    if not os.path.exists(path):
+        raise errors.CheckpointError(f"teacher checkpoint {path} does not exist; give the teacher's "
+                                     "model_best.pytar")
+    teacher = models.create(name, head=head, width_mult=width_mult, depth_mult=depth_mult)
+    meta = load_weights(teacher, path)
+    teacher = freeze(teacher, bn_mode).to(device=device, memory_format=memory_format)
+    return teacher, meta
 
 
 class Refinery:

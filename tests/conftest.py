@@ -44,10 +44,22 @@ SHORT_REAL = ["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mul
               "--test-limit", "2000", "--no-download"]
 
 
+def run_train(argv, on_epoch=None, on_speed=None, **hooks):
+    """What `python train.py ARGV` does, through the library: the flags parsed into a RunConfig,
+    then trained (engine.trainer.train); returns the Trainer's result."""
+    from cli.train_flags import parse_config
+    from engine.trainer import Hooks, train
+    return train(parse_config([str(a) for a in argv]), Hooks(on_epoch=on_epoch, on_speed=on_speed, **hooks))
+
+
+def train_main(argv=None):
+    """train.py's main through the library (for cli.errors.run_main): the exit code."""
+    return run_train(argv)["exit_code"]
+
+
 @pytest.fixture(scope="session")
 def short_real_run(cifar_dir, tmp_path_factory):
-    import train
-    return train.run([*SHORT_REAL, "--data_dir", cifar_dir, "--save", str(tmp_path_factory.mktemp("short_real"))])
+    return run_train([*SHORT_REAL, "--data_dir", cifar_dir, "--save", str(tmp_path_factory.mktemp("short_real"))])
 
 
 def write_cifar(root, train, test):

@@ -7,12 +7,12 @@ rank's training steps). Only used by tests/test_faults.py.
 import os
 import sys
 
-from bench.common import load_script
+from cli.errors import run_main
+from cli.train_flags import parse_config
+from engine import trainer
 
-train = load_script("train")  # the repository's train.py, loaded by path
 
-
-class PoisonedLabels(train.HardLabels):
+class PoisonedLabels(trainer.HardLabels):
     steps = 0
 
     def __call__(self, out, x, y):
@@ -25,5 +25,5 @@ class PoisonedLabels(train.HardLabels):
 
 
 if __name__ == "__main__":
-    train.HardLabels = PoisonedLabels
-    sys.exit(train.run_main(train.main))
+    trainer.HardLabels = PoisonedLabels
+    sys.exit(run_main(lambda argv: trainer.train(parse_config(argv))["exit_code"], sys.argv[1:]))

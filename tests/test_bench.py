@@ -1,5 +1,6 @@
-"""Tests for bench/: the step and data benchmarks as commands, the ETA arithmetic, the summary,
-the data preparation of gpu.sh and its shell syntax. All on the CPU, with tiny models and budgets."""
+"""Tests for bench/ (and tools/score_table.py): the step and data benchmarks as commands, the ETA
+arithmetic, the summary, the data preparation of gpu.sh and its shell syntax, the scripts without an
+installed project. All on the CPU, with tiny models and budgets."""
 import io
 import json
 import lzma
@@ -12,6 +13,7 @@ import tarfile
 import pytest
 import torch
 
+import errors
 from bench import common, eta, prepare_data, step, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -120,7 +122,8 @@ def test_augmentation_bench(tmp_path, capsys):
 
 
 def test_augmentation_bench_runs_as_a_script():
-    # No sys.path edits: the installed project's `data` package, not a file in bench/, is imported.
+    # The script puts the repository root on sys.path: the project's `data` package, not a file in
+    # bench/, is imported.
     proc = run_script("augmentation.py", "--help")
     assert "torchvision" in proc.stdout
 
@@ -262,7 +265,7 @@ def test_prepare_data_joins_checked_parts(tmp_path):
     prepare_data.unpack_parts(found, str(tmp_path / "out"))
     assert (tmp_path / "out" / "cifar-100-python" / "meta").read_bytes() == b"hello cifar"
     (parts / "SHA256SUMS").write_text("0" * 64 + "  cifar-100-python.tar.xz.part1\n")
-    with pytest.raises(SystemExit, match="checksum mismatch"):
+    with pytest.raises(errors.DataError, match="checksum mismatch"):
         prepare_data.unpack_parts(found, str(tmp_path / "out2"))
 
 
@@ -276,6 +279,38 @@ def test_prepare_data_synthetic_files(tmp_path):
 
 def test_gpu_script_parses():
     subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "gpu.sh")], check=True)
+
+
+# Each script run as `python DIR/NAME.py`, in one process (the libraries are imported once), with the
+# project's modules forgotten and sys.path restored between scripts.
+RUN_EACH = """
+import runpy, sys
+path0, project = list(sys.path), set(sys.argv[1].split(","))
+for script in sys.argv[2:]:
+    sys.path[:] = path0
+    for name in [n for n in sys.modules if n.split(".")[0] in project]:
+        del sys.modules[name]
+    sys.argv = [script, "--help"]
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except SystemExit as e:
+        assert e.code == 0, (script, e.code)
+"""
+
+
+def test_scripts_need_no_installed_project(tmp_path):
+    """bench/ and tools/ scripts put the repository root on sys.path themselves: -S leaves out the
+    .pth files of site-packages (the editable install), PYTHONPATH gives back the libraries alone."""
+    import site
+    project = "bench,tools,models,loss,data,refinery,compress,engine,torchscope,cli,deploy,errors"
+    scripts = [os.path.join(ROOT, "bench", f"{n}.py") for n in
+               ("augmentation", "compression", "eta", "memory", "prepare_data", "step", "summary", "sync_check")]
+    scripts.append(os.path.join(ROOT, "tools", "score_table.py"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(site.getsitepackages()), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-S", "-c", RUN_EACH, project, *scripts], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("usage:") == len(scripts)
 
 
 def test_memory_estimate_matches_the_seed_readme():
@@ -293,16 +328,17 @@ def test_memory_estimate_matches_the_seed_readme():
 
 
 def _in_function(location, fn):
-    """Whether 'train.py:LINE' lies inside the source of function `fn`."""
+    """Whether 'PATH:LINE' (PATH relative to the repository) lies inside the source of function `fn`."""
     import inspect
     path, line = location.rsplit(":", 1)
     lines, start = inspect.getsourcelines(fn)
-    return path == "train.py" and start <= int(line) < start + len(lines)
+    return (os.path.join(ROOT, path) == inspect.getsourcefile(fn)
+            and start <= int(line) < start + len(lines))
 
 
 def test_sync_check_sees_only_the_per_interval_check(tmp_path, synthetic_dir, monkeypatch):
     from bench import sync_check
-    import train
+    from engine import trainer
     argv = ["--device", "cpu", "--model", "efficientnet_ex", *TINY, "--data_dir", synthetic_dir,
             "--train-limit", "200", "--test-limit", "50", "--batch-size", "32", "--epochs", "1",
             "--log-interval", "4", "--save", str(tmp_path / "runs")]
@@ -313,11 +349,10 @@ def test_sync_check_sees_only_the_per_interval_check(tmp_path, synthetic_dir, mo
     assert steps == 19  # 600 samples / 32
     # The GPU cadence: one read of the non-finite counter every 4 steps and at the last step.
     (where, count), = doc["syncs"].items()
-    assert _in_function(where, train.check_finite) and count == steps // 4 + 1, doc["syncs"]
-    assert train.nan_check_every.__module__ == "train"  # restored after the run
+    assert _in_function(where, trainer.Trainer.check_finite) and count == steps // 4 + 1, doc["syncs"]
 
     # A stray .item() in the step is caught, by line.
-    make = train.make_criterion
+    make = trainer.make_criterion
 
     def chatty(*a, **k):
         criterion = make(*a, **k)
@@ -328,18 +363,18 @@ def test_sync_check_sees_only_the_per_interval_check(tmp_path, synthetic_dir, mo
             return value
         return loss
 
-    monkeypatch.setattr(train, "make_criterion", chatty)
+    monkeypatch.setattr(trainer, "make_criterion", chatty)
     assert sync_check.main(["--json", str(out), "--", *argv]) == 0
     syncs = json.loads(out.read_text())["syncs"]
     stray = [k for k in syncs if k.startswith("tests/test_bench.py:")]
     assert len(stray) == 1 and syncs[stray[0]] == steps
 
 
-# ---------------------------------------------------------------- score_table.py
+# ---------------------------------------------------------------- tools/score_table.py
 
 def test_score_table_commands_and_table():
     """The grid's train.py flags per cell, and the markdown table (rows: sparsity; columns: bits)."""
-    from bench import score_table
+    from tools import score_table
     assert score_table.compression_flags(0.0, 32, 1) == []
     assert score_table.compression_flags(0.5, 32, 30) == ["--prune", "0.5"]
     assert score_table.compression_flags(0.75, 4, 1) == ["--prune", "0.75", "--prune-schedule", "1", "1",

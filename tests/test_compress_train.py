@@ -4,6 +4,7 @@ real data (the library itself is tested in test_compress.py)."""
 import contextlib
 import io
 import json
+import math
 import os
 import re
 
@@ -15,10 +16,10 @@ import compress
 import models
 import test as test_script
 import torchscope
-import train
 from cli.errors import run_main
 from compress.prune import _count
-from conftest import ROOT, assert_same_weights, load_weights_file
+from cli.train_flags import parse_config
+from conftest import ROOT, assert_same_weights, load_weights_file, run_train, train_main
 from engine import checkpoint, compression
 from engine.state import RunState
 from torchscope import command as count_command
@@ -55,7 +56,7 @@ def assert_pruned_zero(state, masks):
 def compressed_run(tmp_path_factory, synthetic_dir):
     """Three epochs pruned on the cubic schedule over epochs 1..3 to 50% (global), with 8-bit QAT."""
     save = tmp_path_factory.mktemp("compressed")
-    r = train.run(quick(synthetic_dir, save, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
+    r = run_train(quick(synthetic_dir, save, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
                         "--prune-schedule", 1, 3, "--quant", 8, 8))
     assert r["exit_code"] == 0
     return r
@@ -142,17 +143,22 @@ def load_plain(path):
 def test_layer_scope_prunes_every_layer_alike_and_global_does_not(tmp_path, synthetic_dir):
     sparsities = {}
     for scope in ("layer", "global"):
-        r = train.run(quick(synthetic_dir, tmp_path / scope, "--epochs", 1, "--lr-regime", 1, 1, 0.05,
+        r = run_train(quick(synthetic_dir, tmp_path / scope, "--epochs", 1, "--lr-regime", 1, 1, 0.05,
                             "--prune", 0.6, "--prune-schedule", 1, 1, "--prune-scope", scope))
         last = checkpoint.load_file(os.path.join(r["folder"], "last.pytar"))
         masks = last["pruner"]["masks"]
         sparsities[scope] = {n: float((~m).sum()) / m.numel() for n, m in masks.items()}
         total = sum(m.numel() for m in masks.values())
-        assert sum(int((~m).sum()) for m in masks.values()) >= _count(0.6, total) - len(masks)
+        if scope == "global":   # the limits move what a layer cannot lose onto the others
+            assert sum(int((~m).sum()) for m in masks.values()) >= _count(0.6, total) - len(masks)
         assert_pruned_zero(weights_of(last), masks)
-    assert all(s == _count(0.6, n) / n for s, n in zip(sparsities["layer"].values(),
-               (m.numel() for m in checkpoint.load_file(
-                   os.path.join(run_dir(tmp_path / "layer"), "last.pytar"))["pruner"]["masks"].values())))
+    # Every layer at the scheduled 60%, except where a limit binds: a layer keeps one weight per output
+    # unit (a narrow squeeze-excite conv of 2 weights a unit stops at 50%) and goes no further than 95%.
+    layer_masks = checkpoint.load_file(os.path.join(run_dir(tmp_path / "layer"), "last.pytar"))["pruner"]["masks"]
+    for name, m in layer_masks.items():
+        units = m.shape[1] if name.endswith("classifier.2") else m.shape[0]
+        limit = min(math.floor(0.95 * m.numel() + 1e-9), m.numel() - units)
+        assert sparsities["layer"][name] == min(_count(0.6, m.numel()), limit) / m.numel(), name
     spread = max(sparsities["global"].values()) - min(sparsities["global"].values())
     assert spread > 0.3, sparsities["global"]
 
@@ -185,7 +191,7 @@ def test_a_crafted_compressed_checkpoint_is_one_line(compressed_run, tmp_path, c
                        (count_command.main, ["--rules", "micronet", "--model-state-file", bad])):
         with pytest.raises(SystemExit) as e:
             run_main(main, ["--width-mult", "0.1", "--depth-mult", "0.1", *argv])
-        assert e.value.code == 2
+        assert e.value.code == 1   # a crafted file: a failure at run time, not a usage error
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and needle in err[0] and bad in err[0], err
 
@@ -202,7 +208,7 @@ def test_a_crafted_compressed_checkpoint_is_one_line(compressed_run, tmp_path, c
 ])
 def test_bad_compression_flags_are_one_line(capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
-        run_main(train.main, [*flags, "--device", "cpu"])
+        run_main(train_main, [*flags, "--device", "cpu"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err), err
@@ -211,7 +217,7 @@ def test_bad_compression_flags_are_one_line(capsys, flags, needle):
 
 def test_a_pruning_span_past_the_last_epoch_is_refused_before_any_run(tmp_path, synthetic_dir, capsys):
     with pytest.raises(SystemExit):
-        run_main(train.main, quick(synthetic_dir, tmp_path, "--epochs", 2, "--prune", 0.5, "--prune-schedule", 1, 5))
+        run_main(train_main, quick(synthetic_dir, tmp_path, "--epochs", 2, "--prune", 0.5, "--prune-schedule", 1, 5))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --prune-schedule: the pruning span ends at epoch 5, after "
                                                 "the run's last epoch 2"), err
@@ -220,30 +226,32 @@ def test_a_pruning_span_past_the_last_epoch_is_refused_before_any_run(tmp_path, 
 
 def test_best_is_chosen_only_among_eligible_epochs():
     state = RunState()
-    assert not state.record({"epoch": 1}, {"top1": 90.0, "top5": 99, "correct": 9, "total": 10}, eligible=False)
+    assert not state.add_epoch({"epoch": 1}, {"top1": 90.0, "top5": 99, "correct": 9, "total": 10}, eligible=False)
     assert state.best is None
-    assert state.record({"epoch": 2}, {"top1": 50.0, "top5": 90, "correct": 5, "total": 10}, eligible=True)
+    assert state.add_epoch({"epoch": 2}, {"top1": 50.0, "top5": 90, "correct": 5, "total": 10}, eligible=True)
     assert state.best["epoch"] == 2
-    assert not state.record({"epoch": 3}, {"top1": 40.0, "top5": 90, "correct": 4, "total": 10})
+    assert not state.add_epoch({"epoch": 3}, {"top1": 40.0, "top5": 90, "correct": 4, "total": 10})
 
 
 def test_fine_tune_defaults():
-    assert compression.fine_tune_regime(30) == ((1, 20, 0.007), (21, 25, 0.0007), (26, 30, 0.00007))
-    assert compression.default_prune_span(30) == [1, 20]
-    assert compression.fine_tune_regime(1) == ((1, 1, 0.007),)
+    from engine import optim
+    from engine.trainer import run_regime
+    assert optim.fine_tune_regime(30) == ((1, 20, 0.007), (21, 25, 0.0007), (26, 30, 0.00007))
+    assert optim.default_prune_span(30) == [1, 20]
+    assert optim.fine_tune_regime(1) == ((1, 1, 0.007),)
     # Derived when the run starts (after a resume inherited --epochs), so they stay out of its identity.
-    args = train.parse_args(["--init-from", "x.pytar", "--prune", "0.5"])
+    args = parse_config(["--init-from", "x.pytar", "--prune", "0.5"])
     assert args.lr_regime is None and args.prune_schedule is None and args.prune_scope == "global"
-    assert train.run_regime(args) == compression.fine_tune_regime(30)
-    args = train.parse_args(["--init-from", "x.pytar", "--epochs", "6"])
-    assert train.run_regime(args) == ((1, 4, 0.007), (5, 5, 0.0007), (6, 6, 0.00007))
-    assert train.run_regime(train.parse_args(["--model", "efficientnet_b0"])) == models.UCI_REGIME
+    assert run_regime(args) == optim.fine_tune_regime(30)
+    args = parse_config(["--init-from", "x.pytar", "--epochs", "6"])
+    assert run_regime(args) == ((1, 4, 0.007), (5, 5, 0.0007), (6, 6, 0.00007))
+    assert run_regime(parse_config(["--model", "efficientnet_b0"])) == models.UCI_REGIME
 
 
 def test_resume_auto_of_a_pruned_run_with_more_epochs_continues_it_on_its_schedule(tmp_path, synthetic_dir):
     """The default span follows --epochs; a resumed run keeps the schedule it started with."""
-    first = train.run(quick(synthetic_dir, tmp_path, "--epochs", 1, "--lr-regime", 1, 3, 0.05, "--prune", 0.5))
-    more = train.run(quick(synthetic_dir, tmp_path, "--epochs", 2, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
+    first = run_train(quick(synthetic_dir, tmp_path, "--epochs", 1, "--lr-regime", 1, 3, 0.05, "--prune", 0.5))
+    more = run_train(quick(synthetic_dir, tmp_path, "--epochs", 2, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
                            "--resume", "auto"))
     assert more["folder"] == first["folder"] and [h["epoch"] for h in more["history"]] == [1, 2]
     last = checkpoint.load_file(os.path.join(more["folder"], "last.pytar"))
@@ -256,7 +264,7 @@ def test_init_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, synthetic_
     junk = tmp_path / "junk.pytar"
     junk.write_text("hello\n")
     with pytest.raises(SystemExit):
-        run_main(train.main, quick(synthetic_dir, tmp_path, "--init-from", junk, "--quant", 8, 8))
+        run_main(train_main, quick(synthetic_dir, tmp_path, "--init-from", junk, "--quant", 8, 8))
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: --init-from: {junk} is not a readable checkpoint (not a PyTorch file); it may be "
                    "truncated or corrupt: use another file"]
@@ -281,7 +289,7 @@ def test_a_killed_compressed_run_resumes_bit_exact(tmp_path, synthetic_dir):
         assert p.returncode == 137, p.stdout + p.stderr
         killed = checkpoint.load_file(os.path.join(run_dir(save), "last.pytar"))
         assert (killed["train"]["next_epoch"], killed["train"]["next_step"]) == ((2, 0) if nth == 2 else (2, 2))
-        r = train.run(argv)
+        r = run_train(argv)
         assert r["exit_code"] == 0 and [h["epoch"] for h in r["history"]] == [1, 2, 3]
         got = checkpoint.load_file(os.path.join(r["folder"], "last.pytar"))
         assert_same_weights(ref["model"], got["model"])
@@ -346,7 +354,7 @@ def test_8bit_qat_on_real_data_stays_within_2_points_of_the_same_fp32_run(short_
     i = argv.index("--lr-regime")
     argv[i:i + 4] = ["--lr-regime", "1", "1", "0.05"]
     first_epoch = os.path.join(short_real_run["folder"], "model_state_01.pytar")
-    qat = train.run([*argv, "--data_dir", cifar_dir, "--save", str(tmp_path), "--init-from", first_epoch,
+    qat = run_train([*argv, "--data_dir", cifar_dir, "--save", str(tmp_path), "--init-from", first_epoch,
                      "--quant", "8", "8"])
     fp32 = short_real_run["history"][1]
     assert fp32["test_top1"] > 5.0, short_real_run["history"]  # it learned: the comparison means something
@@ -370,12 +378,12 @@ def test_two_ranks_prune_and_quantise_in_step(tmp_path, synthetic_dir):
 
 def test_init_from_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, synthetic_dir, capsys, compressed_run):
     with pytest.raises(SystemExit):
-        run_main(train.main, quick(synthetic_dir, tmp_path, "--init-from", tmp_path / "nope.pytar", "--prune", 0.5))
+        run_main(train_main, quick(synthetic_dir, tmp_path, "--init-from", tmp_path / "nope.pytar", "--prune", 0.5))
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --init-from: ") and "does not exist" in err[0], err
     other = os.path.join(compressed_run["folder"], "model_best.pytar")  # width 0.1; this run is 0.2
     argv = quick(synthetic_dir, tmp_path, "--init-from", other, "--quant", 8, 8)
     with pytest.raises(SystemExit):
-        run_main(train.main, [*argv, "--width-mult", "0.2"])
+        run_main(train_main, [*argv, "--width-mult", "0.2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is a checkpoint of efficientnet_ex" in err[0] and "--width-mult" in err[0], err

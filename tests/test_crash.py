@@ -18,9 +18,8 @@ import pytest
 import torch
 
 import chain
-import train
 from cli.errors import run_main
-from conftest import ROOT, assert_same_weights, load_weights_file
+from conftest import ROOT, assert_same_weights, load_weights_file, run_train, train_main
 
 pytestmark = pytest.mark.slow
 
@@ -98,7 +97,7 @@ def test_a_kill_at_a_rename_then_the_same_command_completes_bit_exact(tmp_path, 
         argv = argv_for(synthetic_dir, save, "--resume", "auto")
         p = killed_run("train.py", argv, KILL_FILE=name, KILL_NTH=nth, KILL_WHEN=when)
         assert p.returncode == 137, f"{name}#{nth} {when}: the kill did not happen\n{p.stdout}{p.stderr}"
-        r = train.run(argv)
+        r = run_train(argv)
         assert r["exit_code"] == 0 and not r["stopped"]
         assert [row["epoch"] for row in r["history"]] == [1, 2], when
         folders = run_folders(save)
@@ -109,22 +108,22 @@ def test_a_kill_at_a_rename_then_the_same_command_completes_bit_exact(tmp_path, 
         assert len(open(os.path.join(r["folder"], "metrics.csv")).read().splitlines()) == 3
         assert leftovers(r["folder"]) == [], when
         # Once more: the run is finished, and says so instead of starting again.
-        again = train.run(argv)
+        again = run_train(argv)
         assert again["folder"] == r["folder"] and run_folders(save) == folders
 
 
 def test_a_finished_run_with_damaged_small_files_is_still_finished(tmp_path, synthetic_dir, capsys):
     argv = argv_for(synthetic_dir, tmp_path, "--epochs", "1")
-    first = train.run(argv)
+    first = run_train(argv)
     for name in ("status.json", "args.json", "metrics.csv"):
         with open(os.path.join(first["folder"], name), "w") as f:
             f.write("{garbage")
-    again = train.run([*argv, "--resume", "auto"])
+    again = run_train([*argv, "--resume", "auto"])
     assert again["folder"] == first["folder"] and "already finished" in capsys.readouterr().out
     assert json.load(open(os.path.join(first["folder"], "status.json")))["finished"]
     # An unfinished run whose status.json is gone continues from its intact last.pytar.
     os.unlink(os.path.join(first["folder"], "status.json"))
-    more = train.run([*argv[:-2], "--epochs", "2", "--resume", "auto"])
+    more = run_train([*argv[:-2], "--epochs", "2", "--resume", "auto"])
     assert more["folder"] == first["folder"] and len(more["history"]) == 2
 
 
@@ -206,7 +205,7 @@ def test_a_full_disk_at_any_write_is_one_line_and_resumable(tmp_path, synthetic_
         with monkeypatch.context() as m:
             full = DiskFull(m, kind, n)
             try:
-                code = run_main(train.main, argv)
+                code = run_main(train_main, argv)
             except SystemExit as e:
                 code = e.code
         if full.calls < n:  # the run made fewer writes than n: every write has been failed once
@@ -218,9 +217,9 @@ def test_a_full_disk_at_any_write_is_one_line_and_resumable(tmp_path, synthetic_
             assert "warning: curves.png not drawn (OSError: [Errno 28] No space left on device" in out.out, n
             n += 1
             continue
-        assert code == 2 and len(err) == 1 and "No space left on device" in err[0], (n, err)
+        assert code == 1 and len(err) == 1 and "No space left on device" in err[0], (n, err)
         assert "Traceback" not in err[0]
-        r = train.run(argv)  # space is back
+        r = run_train(argv)  # space is back
         assert not r["stopped"] and len(r["history"]) == 2, n
         assert_same_weights(weights, load_weights_file(os.path.join(r["folder"], "last.pytar")))
         assert leftovers(save) == []
@@ -234,7 +233,7 @@ def test_curves_that_cannot_be_drawn_are_skipped_with_a_warning(tmp_path, synthe
     def broken(*a, **k):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(matplotlib.figure.Figure, "savefig", broken)
-    r = train.run(argv_for(synthetic_dir, tmp_path, "--epochs", "1"))
+    r = run_train(argv_for(synthetic_dir, tmp_path, "--epochs", "1"))
     assert r["exit_code"] == 0
     assert "warning: curves.png not drawn" in capsys.readouterr().out
 
@@ -254,8 +253,8 @@ def test_two_processes_on_one_run_the_second_gets_the_lock_message(tmp_path, syn
             assert proc.poll() is None and time.time() < deadline, proc.stdout.read()
             time.sleep(0.1)
         with pytest.raises(SystemExit) as e:
-            run_main(train.main, argv)
-        assert e.value.code == 2
+            run_main(train_main, argv)
+        assert e.value.code == 1   # the run is in use: a failure at run time
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and f"in use by process {proc.pid}" in err[0], err
     finally:
@@ -263,7 +262,7 @@ def test_two_processes_on_one_run_the_second_gets_the_lock_message(tmp_path, syn
         proc.wait()
     # The holder is gone (the kernel dropped its lock): the same command takes the run over.
     (folder,) = run_folders(save)
-    r = train.run([*argv[:argv.index("--epochs")], "--epochs", "1", *argv[argv.index("--epochs") + 2:]])
+    r = run_train([*argv[:argv.index("--epochs")], "--epochs", "1", *argv[argv.index("--epochs") + 2:]])
     assert r["folder"] == folder and leftovers(folder) == []
 
 
@@ -282,12 +281,12 @@ def flip_tensor_bytes(path):
 
 
 def test_flipped_bytes_in_a_checkpoint_are_caught(tmp_path, synthetic_dir, capsys):
-    r = train.run(argv_for(synthetic_dir, tmp_path, "--epochs", "1"))
+    r = run_train(argv_for(synthetic_dir, tmp_path, "--epochs", "1"))
     for name in ("last.pytar", "model_best.pytar"):
         path = os.path.join(r["folder"], name)
         flip_tensor_bytes(path)
         with pytest.raises(SystemExit):
-            run_main(lambda argv: train.main(argv),
+            run_main(lambda argv: train_main(argv),
                      argv_for(synthetic_dir, tmp_path, "--epochs", "2", "--resume", path) if name == "last.pytar"
                      else [*QUICK[:6], "--label-refinery-model", "efficientnet_ex",
                            "--label-refinery-width-mult", "0.1", "--label-refinery-depth-mult", "0.1",
@@ -301,8 +300,8 @@ def test_every_step_skipped_stops_the_run(tmp_path, synthetic_dir, capsys):
     # An LR of 1e30 sends the weights to infinity after the first step; every later loss is NaN.
     argv = argv_for(synthetic_dir, tmp_path, "--lr-regime", "1", "2", "1e30", "--nan-policy", "skip")
     with pytest.raises(SystemExit) as e:
-        run_main(train.main, argv)
-    assert e.value.code == 2
+        run_main(train_main, argv)
+    assert e.value.code == 1   # diverged: a failure at run time
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "every step of epoch 2 had a non-finite loss" in err[0], err
     (folder,) = run_folders(tmp_path)
@@ -324,7 +323,7 @@ def test_every_step_skipped_stops_the_run(tmp_path, synthetic_dir, capsys):
 ])
 def test_bad_numbers_are_one_line_errors(capsys, flags, needle):
     with pytest.raises(SystemExit) as e:
-        run_main(train.main, [*flags, "--device", "cpu"])
+        run_main(train_main, [*flags, "--device", "cpu"])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert needle in err[-1] and "Traceback" not in "\n".join(err), err
@@ -334,7 +333,7 @@ def test_non_finite_loss_message_names_only_what_exists(tmp_path, synthetic_dir,
     argv = argv_for(synthetic_dir, tmp_path, "--lr-regime", "1", "2", "1e30", "--amp", "off",
                     "--checkpoint-every", "100")
     with pytest.raises(SystemExit):
-        run_main(train.main, argv)
+        run_main(train_main, argv)
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert "non-finite loss in epoch 1" in line
     assert "no checkpoint was written yet" in line and "last.pytar" not in line
@@ -344,15 +343,16 @@ def test_non_finite_loss_message_names_only_what_exists(tmp_path, synthetic_dir,
 @pytest.mark.parametrize("phase", ["load_data", "report_teacher"])
 def test_sigterm_during_start_up_stops_cleanly_and_leaves_no_run_folder(tmp_path, synthetic_dir, phase,
                                                                          monkeypatch, capsys):
-    teacher = train.run(argv_for(synthetic_dir, tmp_path / "teacher", "--epochs", "1"))
-    real = getattr(train, phase)
+    teacher = run_train(argv_for(synthetic_dir, tmp_path / "teacher", "--epochs", "1"))
+    from engine.trainer import Trainer
+    real = getattr(Trainer, phase)
 
     def signalled(*a, **k):
         os.kill(os.getpid(), signal.SIGTERM)  # arrives while start-up is in progress
         return real(*a, **k)
-    monkeypatch.setattr(train, phase, signalled)
+    monkeypatch.setattr(Trainer, phase, signalled)
     save = tmp_path / "runs"
-    r = train.run(argv_for(synthetic_dir, save, "--label-refinery-model", "efficientnet_ex",
+    r = run_train(argv_for(synthetic_dir, save, "--label-refinery-model", "efficientnet_ex",
                            "--label-refinery-width-mult", "0.1", "--label-refinery-depth-mult", "0.1",
                            "--label-refinery-state-file", os.path.join(teacher["folder"], "model_best.pytar")))
     assert r["stopped"] and r["exit_code"] == 0 and r["history"] == []

@@ -15,10 +15,10 @@ import pytest
 import torch
 
 import models
-import train
 from cli.errors import message
-from conftest import ROOT, TINY, assert_same_weights, load_weights_file
-from engine import checkpoint
+from cli.train_flags import parse_config
+from conftest import ROOT, TINY, assert_same_weights, load_weights_file, run_train
+from engine import checkpoint, speed
 from errors import ToolkitError as UserError
 
 # One torch thread here and in every subprocess (start() and torchrun() pass it on): the tiny
@@ -91,7 +91,7 @@ def wait_for_status(save, predicate, proc, timeout=300):
 def reference(tmp_path_factory, synthetic_dir, one_thread):
     """An uninterrupted 2-epoch run (checkpointing mid-epoch too, which must not change the result)."""
     save = tmp_path_factory.mktemp("reference")
-    r = train.run([*QUICK, "--data_dir", synthetic_dir, "--save", str(save), "--epochs", "2"])
+    r = run_train([*QUICK, "--data_dir", synthetic_dir, "--save", str(save), "--epochs", "2"])
     return load_weights_file(os.path.join(r["folder"], "last.pytar"))
 
 
@@ -109,7 +109,7 @@ def test_sigkill_then_resume_auto_is_bit_identical(tmp_path, synthetic_dir, refe
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not json.load(open(os.path.join(folder, "status.json")))["finished"]
-    r = train.run([*map(str, argv), *extra, "--resume", "auto"])
+    r = run_train([*map(str, argv), *extra, "--resume", "auto"])
     assert r["folder"] == folder
     assert_same_weights(reference, load_weights_file(os.path.join(folder, "last.pytar")))
 
@@ -120,7 +120,7 @@ def test_sigkill_mid_epoch_with_dropout_drop_connect_and_uci_augmentation_resume
     saved RNG state, so the dropout and drop-connect masks after the kill are those of the
     uninterrupted run, and so are the final weights and the epoch's training loss."""
     argv = [*RANDOM_B0, "--data_dir", synthetic_dir, "--epochs", "1", "--checkpoint-every", "3"]
-    ref = train.run([*argv, "--save", str(tmp_path / "reference")])
+    ref = run_train([*argv, "--save", str(tmp_path / "reference")])
     save = tmp_path / "runs"
     proc = start([*argv, "--save", save])
     folder, _ = wait_for_status(str(save), lambda s: s["next_step"] >= 3, proc)
@@ -129,7 +129,7 @@ def test_sigkill_mid_epoch_with_dropout_drop_connect_and_uci_augmentation_resume
     saved = torch.load(os.path.join(folder, "last.pytar"), weights_only=True)
     assert saved["train"]["next_epoch"] == 1 and saved["train"]["next_step"] in (3, 6)
     assert saved["train"]["partial"]["rng"]  # a mid-epoch state, with the RNG to continue from
-    r = train.run([*argv, "--save", str(save), "--resume", "auto"])
+    r = run_train([*argv, "--save", str(save), "--resume", "auto"])
     assert r["folder"] == folder and [h["epoch"] for h in r["history"]] == [1]
     assert_same_weights(load_weights_file(os.path.join(ref["folder"], "last.pytar")),
                         load_weights_file(os.path.join(folder, "last.pytar")))
@@ -239,7 +239,7 @@ def test_second_ctrl_c_exits_at_once_with_one_line(tmp_path, synthetic_dir):
     assert not [f for f in os.listdir(folder) if f.startswith(".tmp-")]
     state = checkpoint.load_file(os.path.join(folder, "last.pytar"))  # verifies its checksum
     assert state["train"]["next_epoch"] == 2 and not state["finished"]
-    r = train.run([*map(str, argv), "--epochs", "2", "--resume", "auto"])
+    r = run_train([*map(str, argv), "--epochs", "2", "--resume", "auto"])
     assert r["folder"] == folder and [h["epoch"] for h in r["history"]] == [1, 2]
 
 
@@ -342,16 +342,17 @@ def test_torchrun_two_processes_gloo(tmp_path, synthetic_dir):
     assert state["train"]["world_size"] == 2
     assert state["optimizer"]["param_groups"][0]["lr"] == pytest.approx(2 * 0.07)
     # A checkpoint written by 2 ranks resumes on 1.
-    r = train.run([*map(str, argv), "--epochs", "2", "--resume", folder])
+    r = run_train([*map(str, argv), "--epochs", "2", "--resume", folder])
     assert len(r["history"]) == 2 and r["folder"] == folder
 
 
 def test_sync_bn_on_cpu_ranks_is_a_clear_error():
     from engine.distributed import Context
-    args = train.parse_args([*TINY, "--sync-bn"])
-    train.speed.resolve(args, torch.device("cpu"))
+    from engine.trainer import Trainer
+    trainer = Trainer(parse_config([*TINY, "--sync-bn"]), Context(rank=0, world_size=2))
+    trainer.speed = speed.of_config(trainer.cfg, torch.device("cpu"))
     with pytest.raises(UserError) as e:
-        train.build_model(args, Context(rank=0, world_size=2))
+        trainer.build_model()
     # As the command line prints it: the flag, then the problem.
     assert message(e.value).startswith("--sync-bn: synchronised BatchNorm needs CUDA devices")
 
@@ -361,12 +362,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, synt
     argv = [*QUICK[:-7], "--lr-regime", "1", "1", "0.05", "2", "2", "1e30", "--bn-momentum", "0.1",
             "--no-progress", "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "2"]
     with pytest.raises(UserError, match=r"non-finite loss in epoch 2 at step \d+ of 15"):
-        train.run(argv)
+        run_train(argv)
     folder = str(next(tmp_path.iterdir()))
     state = torch.load(os.path.join(folder, "last.pytar"), weights_only=True)
     assert state["train"]["next_epoch"] == 2
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
-    r = train.run([*argv, "--nan-policy", "skip", "--save", str(tmp_path / "skip")])
+    r = run_train([*argv, "--nan-policy", "skip", "--save", str(tmp_path / "skip")])
     assert len(r["history"]) == 2
     assert "skipped" in open(os.path.join(r["folder"], "log.txt")).read()
 
@@ -380,14 +381,15 @@ def test_nan_policy_skip_leaves_the_model_exactly_as_before(tmp_path, synthetic_
     poison = {1: float("inf"), 4: float("nan")}
     calls = []
 
-    class PoisonedLabels(train.HardLabels):
+    from engine import trainer
+    class PoisonedLabels(trainer.HardLabels):
         def __call__(self, out, x, y):
             loss, teacher = super().__call__(out, x, y)
             calls.append(len(calls) + 1)
             return (loss + poison[calls[-1]] if calls[-1] in poison else loss), teacher
 
     seen = []
-    real_step = train.train_step
+    real_step = trainer.train_step
 
     def watched_step(parts, x, y, meter):
         before = (copy.deepcopy(parts.model.state_dict()), copy.deepcopy(parts.optimizer.state_dict()),
@@ -402,9 +404,9 @@ def test_nan_policy_skip_leaves_the_model_exactly_as_before(tmp_path, synthetic_
                      "meter_same": torch.equal(meter.state(), before[2])})
         return finite
 
-    monkeypatch.setattr(train, "HardLabels", PoisonedLabels)
-    monkeypatch.setattr(train, "train_step", watched_step)
-    r = train.run([*TINY, "--train-limit", "192", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
+    monkeypatch.setattr(trainer, "HardLabels", PoisonedLabels)
+    monkeypatch.setattr(trainer, "train_step", watched_step)
+    r = run_train([*TINY, "--train-limit", "192", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
                    "--lr-regime", "1", "1", "0.05", "--no-progress", "--nan-policy", "skip", "--epochs", "1",
                    "--data_dir", synthetic_dir, "--save", str(tmp_path)])
     assert [s["finite"] for s in seen] == [False, True, True, False, True, True]
@@ -423,12 +425,12 @@ def test_nan_policy_skip_leaves_the_model_exactly_as_before(tmp_path, synthetic_
 
 @pytest.mark.slow
 def test_truncated_resume_file_is_reported(tmp_path, synthetic_dir):
-    r = train.run([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "1"])
+    r = run_train([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "1"])
     last = os.path.join(r["folder"], "last.pytar")
     data = open(last, "rb").read()
     open(last, "wb").write(data[: len(data) // 2])
     with pytest.raises(UserError, match="truncated or corrupt"):
-        train.run([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "2",
+        run_train([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "2",
                    "--resume", r["folder"]])
 
 
@@ -453,7 +455,7 @@ def test_memory_does_not_grow_across_epochs(tmp_path, synthetic_dir):
         with open("/proc/self/status") as f:
             return int(next(l for l in f if l.startswith("VmRSS")).split()[1]) / 1024
     seen = []
-    train.run([*TINY, "--train-limit", "64", "--test-limit", "64", "--batch-size", "32", "--aug", "seed",
+    run_train([*TINY, "--train-limit", "64", "--test-limit", "64", "--batch-size", "32", "--aug", "seed",
                "--lr-regime", "1", "12", "0.05", "--no-progress", "--keep-epoch-states", "false",
                "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "12"],
               on_epoch=lambda row: seen.append(rss_mb()))

@@ -10,8 +10,7 @@ import torch
 import chain
 import models
 import test as test_script
-import train
-from conftest import TINY, assert_same_weights, load_weights_file
+from conftest import TINY, assert_same_weights, load_weights_file, run_train
 from engine import precise_bn
 from engine import progress as progress_mod
 
@@ -72,8 +71,8 @@ def test_auto_leaves_a_converged_run_untouched(tmp_path, synthetic_dir):
     the same weights, buffers and figures."""
     base = [*TINY, "--train-limit", "320", "--test-limit", "200", "--batch-size", "32", "--aug", "none",
             "--lr-regime", "1", "2", "0.05", "--bn-momentum", "0.5", "--no-progress", "--data_dir", synthetic_dir]
-    auto = train.run([*base, "--save", str(tmp_path / "auto")])
-    off = train.run([*base, "--precise-bn", "off", "--save", str(tmp_path / "off")])
+    auto = run_train([*base, "--save", str(tmp_path / "auto")])
+    off = run_train([*base, "--precise-bn", "off", "--save", str(tmp_path / "off")])
     assert_same_weights(load_weights_file(os.path.join(auto["folder"], "model_best.pytar")),
                         load_weights_file(os.path.join(off["folder"], "model_best.pytar")))
     assert_same_weights(load_weights_file(os.path.join(auto["folder"], "last.pytar")),
@@ -87,8 +86,8 @@ def test_precise_bn_changes_neither_training_nor_resume(tmp_path, synthetic_dir)
     equals a run without it, so bit-exact resume is untouched; only the evaluation differs."""
     base = [*TINY, "--train-limit", "320", "--test-limit", "200", "--batch-size", "32", "--aug", "standard",
             "--lr-regime", "1", "2", "0.05", "--no-progress", "--data_dir", synthetic_dir]
-    forced = train.run([*base, "--precise-bn", "4", "--save", str(tmp_path / "on")])
-    off = train.run([*base, "--precise-bn", "off", "--save", str(tmp_path / "off")])
+    forced = run_train([*base, "--precise-bn", "4", "--save", str(tmp_path / "on")])
+    off = run_train([*base, "--precise-bn", "off", "--save", str(tmp_path / "off")])
     a = torch.load(os.path.join(forced["folder"], "last.pytar"), weights_only=True)
     b = torch.load(os.path.join(off["folder"], "last.pytar"), weights_only=True)
     assert_same_weights(a["model"], b["model"])
@@ -101,7 +100,7 @@ def test_precise_bn_changes_neither_training_nor_resume(tmp_path, synthetic_dir)
 def test_progress_lines_without_a_terminal_and_an_early_eta(tmp_path, synthetic_dir, capsys, monkeypatch):
     monkeypatch.setattr(progress_mod, "LINE_SECONDS", 0.0)
     monkeypatch.setattr(progress_mod, "ETA_AFTER", 0.0)
-    r = train.run([*TINY, "--train-limit", "320", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
+    r = run_train([*TINY, "--train-limit", "320", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
                    "--epochs", "2", "--lr-regime", "1", "2", "0.05", "--log-interval", "3",
                    "--data_dir", synthetic_dir, "--save", str(tmp_path)])
     lines = capsys.readouterr().out.splitlines()
@@ -124,7 +123,7 @@ def test_the_eta_projects_the_remaining_work(tmp_path, synthetic_dir, capsys, mo
     with 10 steps an epoch and 3 epochs, about 3x the epoch's."""
     seen = []
     monkeypatch.setattr(progress_mod, "ETA_AFTER", 0.0)
-    r = train.run([*TINY, "--train-limit", "320", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
+    r = run_train([*TINY, "--train-limit", "320", "--test-limit", "100", "--batch-size", "32", "--aug", "none",
                    "--epochs", "3", "--lr-regime", "1", "3", "0.05", "--no-progress", "--data_dir", synthetic_dir,
                    "--save", str(tmp_path)], on_speed=lambda ips, left: seen.append((ips, left)))
     assert len(seen) == 2  # the probe's estimate, then the measured speed

@@ -15,10 +15,9 @@ import chain
 import models
 import refinery
 import torchscope
-from engine.teacher import load_teacher
-import train
+from refinery import load_teacher
 from cli.errors import run_main
-from conftest import TINY, first_test_images, load_model
+from conftest import TINY, first_test_images, load_model, run_train
 from engine import checkpoint
 from errors import ToolkitError as UserError
 from loss import am_softmax_loss
@@ -35,7 +34,7 @@ QUICK = ["--train-limit", "320", "--test-limit", "200", "--batch-size", "32", "-
 def teacher_file(tmp_path_factory, synthetic_dir, one_thread):
     """A tiny ex trained one epoch on the synthetic data: a real teacher checkpoint."""
     save = tmp_path_factory.mktemp("teacher")
-    r = train.run([*TINY, *QUICK, "--data_dir", synthetic_dir, "--save", str(save), "--epochs", "1"])
+    r = run_train([*TINY, *QUICK, "--data_dir", synthetic_dir, "--save", str(save), "--epochs", "1"])
     return os.path.join(r["folder"], "model_best.pytar")
 
 
@@ -174,7 +173,7 @@ def test_refined_student_learns_at_least_as_well_as_from_hard_labels():
 
 @pytest.mark.slow
 def test_refined_run_folder_log_and_metrics(tmp_path, synthetic_dir, teacher_file):
-    r = train.run(refined_argv(synthetic_dir, tmp_path, teacher_file))
+    r = run_train(refined_argv(synthetic_dir, tmp_path, teacher_file))
     folder = r["folder"]
     assert os.path.basename(folder).startswith("efficientnet_ex_cos_rfn_")
     log = open(os.path.join(folder, "log.txt")).read()
@@ -209,7 +208,7 @@ def test_refinery_bn_train_end_to_end(tmp_path, synthetic_dir, teacher_file):
     teacher on the evaluation batch (the 200 images at once), not of the running statistics; the
     teacher file is untouched."""
     before = torch.load(teacher_file, weights_only=True)["model"]
-    r = train.run(refined_argv(synthetic_dir, tmp_path, teacher_file, "--refinery-bn", "train"))
+    r = run_train(refined_argv(synthetic_dir, tmp_path, teacher_file, "--refinery-bn", "train"))
     folder = r["folder"]
     x, y = first_test_images(synthetic_dir, 200)
     batch_stats, _ = tiny_teacher(teacher_file, "train", memory_format=torch.channels_last)
@@ -243,18 +242,18 @@ def test_teacher_in_the_original_format_is_accepted(tmp_path, synthetic_dir, tea
 def test_bad_teacher_inputs(tmp_path, synthetic_dir, teacher_file):
     base = [*TINY, *QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "1"]
     with pytest.raises(UserError, match="does not exist"):
-        train.run([*base, "--label-refinery-model", "efficientnet_ex",
+        run_train([*base, "--label-refinery-model", "efficientnet_ex",
                    "--label-refinery-state-file", str(tmp_path / "nope.pytar")])
     with pytest.raises(SystemExit):  # argparse's one-line error, exit 2
-        train.run([*base, "--label-refinery-model", "efficientnet_ex"])
+        run_train([*base, "--label-refinery-model", "efficientnet_ex"])
     # The file is a tiny ex; naming b3 as the teacher is caught before training, naming both.
     with pytest.raises(UserError, match=r"efficientnet_ex \(width 0.25.*not of efficientnet_b3"):
-        train.run([*base, "--label-refinery-model", "efficientnet_b3",
+        run_train([*base, "--label-refinery-model", "efficientnet_b3",
                    "--label-refinery-state-file", teacher_file])
     junk = tmp_path / "junk.pytar"
     junk.write_text("not a checkpoint")
     with pytest.raises(UserError, match="not a readable checkpoint"):
-        train.run([*base, "--label-refinery-model", "efficientnet_ex",
+        run_train([*base, "--label-refinery-model", "efficientnet_ex",
                    "--label-refinery-state-file", str(junk)])
     assert not [d for d in os.listdir(tmp_path) if d.startswith("efficientnet")]  # nothing started
 
@@ -392,7 +391,7 @@ def test_chain_refuses_changed_flags(chained, capsys, flags, needle):
     folders = run_folders(save)
     with pytest.raises(SystemExit) as e:
         run_main(chain.main, [*argv, *flags])
-    assert e.value.code == 2
+    assert e.value.code == 1   # the flags are valid; the save folder holds a chain of other settings
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "stage 1 (efficientnet_ex)" in err[0] and needle in err[0], err
     assert "use the same flags as before or another --save folder" in err[0]
@@ -405,16 +404,16 @@ def test_chain_resumes_an_unfinished_stage(tmp_path, synthetic_dir, monkeypatch)
     command again skips stage 1 and continues stage 2 in its own folder from epoch 2."""
     save = tmp_path / "chain"
     argv = [*CHAIN, "--stages", f"{EX},{EXX}", "--epochs", "2", "--data_dir", synthetic_dir, "--save", str(save)]
-    real = train.train
+    from engine.trainer import Trainer
+    real = Trainer.fit
 
-    def preempted(args, ctx, on_epoch=None, **kw):
+    def preempted(trainer):
         def after(row):
-            if on_epoch:
-                on_epoch(row)
-            if args.model == EXX and row["epoch"] == 1:
+            if trainer.cfg.model == EXX and row["epoch"] == 1:
                 os.kill(os.getpid(), signal.SIGTERM)  # arrives before the run's next stop check
-        return real(args, ctx, on_epoch=after, **kw)
-    monkeypatch.setattr(train, "train", preempted)  # chain.py trains each stage through train.train
+        trainer.hooks.on_epoch = after
+        return real(trainer)
+    monkeypatch.setattr(Trainer, "fit", preempted)  # chain.py trains each stage with a Trainer
     code, out = run_chain(argv)
     assert code == 0 and "[chain] stopped; run the same command again to continue" in out, out
     state = json.load(open(save / "chain_state.json"))

@@ -755,10 +755,11 @@ def test_cli_bad_flags_exit_2(argv, needle, capsys):
     (["--model-state-file", "/nonexistent/model.pytar"], "does not exist"),
     (["--json", "/proc/no/such/dir/x.json", "--model", "efficientnet_exx"], "cannot write"),
 ])
-def test_cli_user_errors_exit_2(argv, needle, capsys):
+def test_cli_runtime_failures_exit_1(argv, needle, capsys):
+    """A missing checkpoint or an unwritable --json is a failure at run time (exit 1), not a usage error."""
     with pytest.raises(SystemExit) as e:
         command.script(argv)
-    assert e.value.code == 2
+    assert e.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0]
 
@@ -861,6 +862,6 @@ def test_cli_bad_compression_record_one_line(tmp_path, capsys, mutate, needle):
     _compressed_checkpoint(path, mutate)
     with pytest.raises(SystemExit) as e:
         command.script(["--rules", "micronet", *NARROW, "--model-state-file", str(path)])
-    assert e.value.code == 2
+    assert e.value.code == 1   # a damaged file: a failure at run time
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and needle in err[0] and str(path) in err[0], err

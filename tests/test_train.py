@@ -13,11 +13,12 @@ import torch.nn.functional as F
 import models
 import test as test_script
 import torchscope
-import train
-from conftest import TINY, assert_same_weights, first_test_images, load_model, load_weights_file
+from cli.errors import run_main
+from cli.train_flags import parse_config
+from conftest import TINY, assert_same_weights, first_test_images, load_model, load_weights_file, run_train, train_main
 from engine import checkpoint
 from errors import ToolkitError as UserError
-from engine.regime import lr_at, parse_regime
+from engine.optim import lr_at, parse_regime
 
 # The tensors of the tiny models are too small to share between cores: one thread is faster, and the
 # same in every run (the bit-exact comparisons need the same reduction order).
@@ -28,7 +29,7 @@ QUICK = [*TINY, "--train-limit", "640", "--test-limit", "300", "--batch-size", "
 
 
 def one_run(tmp_path, data_dir, *extra, save="runs"):
-    return train.run([*QUICK, "--data_dir", data_dir, "--save", str(tmp_path / save), *extra])
+    return run_train([*QUICK, "--data_dir", data_dir, "--save", str(tmp_path / save), *extra])
 
 
 def final_weights(result):
@@ -38,7 +39,7 @@ def final_weights(result):
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, synthetic_dir, one_thread):
     """One epoch of QUICK: a trained run for the tests that evaluate its checkpoints."""
-    return train.run([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path_factory.mktemp("trained")),
+    return run_train([*QUICK, "--data_dir", synthetic_dir, "--save", str(tmp_path_factory.mktemp("trained")),
                       "--epochs", "1"])
 
 
@@ -64,13 +65,13 @@ def test_regime_errors(tokens, needle):
 
 
 def test_default_regimes_follow_the_original():
-    a = train.parse_args(["--model", "efficientnet_b3"])
-    b = train.parse_args(["--model", "efficientnet_ex"])
+    a = parse_config(["--model", "efficientnet_b3"])
+    b = parse_config(["--model", "efficientnet_ex"])
     assert a.lr_regime == "1 25 0.07 26 50 0.007 51 65 0.0007 66 70 7e-05"
     assert b.lr_regime.endswith("66 75 7e-05")
     assert a.batch_size == 128 and a.momentum == 0.9 and a.weight_decay == 1e-4
     assert a.s == 5.0 and a.m == 0.0 and a.coslinear is True
-    assert train.parse_args(["--coslinear", "False"]).coslinear is False  # the original's bug
+    assert parse_config(["--coslinear", "False"]).coslinear is False  # the original's bug
 
 
 # ------------------------------------------------------------------ a whole run
@@ -259,10 +260,11 @@ def test_original_checkpoint_loads_and_gives_the_same_outputs(tmp_path, syntheti
 
 # ------------------------------------------------------------------ bad input
 
-def expect_exit2(capsys, fn, needle):
+def expect_exit(capsys, fn, needle, code=2):
+    """fn() exits with `code` (2: a usage error; 1: a failure at run time) and one line naming `needle`."""
     with pytest.raises(SystemExit) as e:
         fn()
-    assert e.value.code == 2
+    assert e.value.code == code
     err = capsys.readouterr().err.strip().splitlines()
     assert err, "no error printed"
     assert "Traceback" not in "\n".join(err)
@@ -271,26 +273,26 @@ def expect_exit2(capsys, fn, needle):
 
 
 def train_cli(*argv):
-    return lambda: train.run_main(train.main, list(argv))
+    return lambda: run_main(train_main, list(argv))
 
 
 def test_cli_flag_errors(capsys, tmp_path):
-    expect_exit2(capsys, train_cli("--batch-size", "0"), "--batch-size")
-    expect_exit2(capsys, train_cli("--lr-regime", "1", "25"), "multiple of 3")
-    expect_exit2(capsys, train_cli("--model", "resnet"), "known models: efficientnet_b0")
-    expect_exit2(capsys, train_cli("--aug", "fancy"), "choose one of uci, standard, none")
-    expect_exit2(capsys, train_cli("--coslinear", "maybe"), "expected true or false")
-    expect_exit2(capsys, train_cli("--label-refinery-state-file", "x.pytar"), "--label-refinery-model")
+    expect_exit(capsys, train_cli("--batch-size", "0"), "--batch-size")
+    expect_exit(capsys, train_cli("--lr-regime", "1", "25"), "multiple of 3")
+    expect_exit(capsys, train_cli("--model", "resnet"), "known models: efficientnet_b0")
+    expect_exit(capsys, train_cli("--aug", "fancy"), "choose one of uci, standard, none")
+    expect_exit(capsys, train_cli("--coslinear", "maybe"), "expected true or false")
+    expect_exit(capsys, train_cli("--label-refinery-state-file", "x.pytar"), "--label-refinery-model")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
 def test_cuda_without_gpu(capsys, tmp_path):
-    expect_exit2(capsys, train_cli("--device", "cuda", "--save", str(tmp_path)), "no CUDA GPU")
+    expect_exit(capsys, train_cli("--device", "cuda", "--save", str(tmp_path)), "no CUDA GPU")
 
 
 def test_missing_data_folder(capsys, tmp_path):
-    line = expect_exit2(capsys, train_cli(*QUICK, "--data_dir", str(tmp_path / "nowhere"), "--no-download",
-                                          "--save", str(tmp_path / "runs")), "nowhere")
+    line = expect_exit(capsys, train_cli(*QUICK, "--data_dir", str(tmp_path / "nowhere"), "--no-download",
+                                          "--save", str(tmp_path / "runs")), "nowhere", code=1)
     assert "--data_dir" in line
     assert not os.path.exists(tmp_path / "runs") or not os.listdir(tmp_path / "runs")
 
@@ -302,31 +304,31 @@ def test_corrupt_and_truncated_data_files(capsys, tmp_path, synthetic_dir):
     (bad / "cifar-100-python" / "train").write_bytes(src[: len(src) // 3])
     (bad / "cifar-100-python" / "test").write_bytes(
         open(os.path.join(synthetic_dir, "cifar-100-python", "test"), "rb").read())
-    expect_exit2(capsys, train_cli(*QUICK, "--data_dir", str(bad), "--no-download", "--save",
-                                   str(tmp_path / "runs")), "train")
+    expect_exit(capsys, train_cli(*QUICK, "--data_dir", str(bad), "--no-download", "--save",
+                                   str(tmp_path / "runs")), "train", code=1)
     (bad / "cifar-100-python" / "train").write_bytes(b"this is not a pickle at all")
-    expect_exit2(capsys, train_cli(*QUICK, "--data_dir", str(bad), "--no-download", "--save",
-                                   str(tmp_path / "runs")), "train")
+    expect_exit(capsys, train_cli(*QUICK, "--data_dir", str(bad), "--no-download", "--save",
+                                   str(tmp_path / "runs")), "train", code=1)
 
 
 @pytest.mark.slow
 def test_checkpoint_errors_in_test_py(capsys, tmp_path, synthetic_dir):
     run = lambda path, *extra: (lambda: test_script.run_main(test_script.main, [
         *TINY, "--data_dir", synthetic_dir, "--model-state-file", str(path), *extra]))
-    expect_exit2(capsys, run(tmp_path / "missing.pytar"), "does not exist")
+    expect_exit(capsys, run(tmp_path / "missing.pytar"), "does not exist", code=1)
     junk = tmp_path / "junk.pytar"
     junk.write_bytes(b"\x00garbage" * 100)
-    expect_exit2(capsys, run(junk), "not a readable checkpoint")
+    expect_exit(capsys, run(junk), "not a readable checkpoint", code=1)
     # A checkpoint of another model: the error names both architectures.
     b0 = tmp_path / "b0.pytar"
     torch.save(models.create("efficientnet_b0").state_dict(), b0)
-    line = expect_exit2(capsys, run(b0), "efficientnet_b0 (width 1, depth 1, cosine head)")
+    line = expect_exit(capsys, run(b0), "efficientnet_b0 (width 1, depth 1, cosine head)", code=1)
     assert "efficientnet_ex (width 0.25" in line
     # Another width of the same model, in our wrapped format.
     wide = models.create("efficientnet_ex", width_mult=0.5, depth_mult=0.2)
     wide_path = tmp_path / "wide.pytar"
     torch.save(checkpoint.weights_file(wide), wide_path)
-    line = expect_exit2(capsys, run(wide_path), "width 0.5")
+    line = expect_exit(capsys, run(wide_path), "width 0.5", code=1)
     assert "width 0.25" in line
 
 
@@ -344,8 +346,8 @@ def test_malicious_checkpoint_is_refused_and_never_runs(capsys, tmp_path, synthe
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pytar"
     torch.save({"model": Payload(str(marker))}, evil)
-    line = expect_exit2(capsys, lambda: test_script.run_main(test_script.main, [
-        *TINY, "--data_dir", synthetic_dir, "--model-state-file", str(evil)]), "refusing to load")
+    line = expect_exit(capsys, lambda: test_script.run_main(test_script.main, [
+        *TINY, "--data_dir", synthetic_dir, "--model-state-file", str(evil)]), "refusing to load", code=1)
     assert "would call io.open" in line  # names what the file tried to run
     assert not marker.exists()
     with open(tmp_path / "evil2.pytar", "wb") as f:
@@ -371,11 +373,11 @@ def test_unwritable_save_folder(tmp_path, synthetic_dir, capsys):
             # root ignores permission bits: a regular file where the folder should be fails for all.
             target = tmp_path / "file"
             target.write_text("x")
-            expect_exit2(capsys, train_cli(*QUICK, "--data_dir", synthetic_dir, "--save", str(target / "runs")),
-                         "--save: cannot create the save folder")
+            expect_exit(capsys, train_cli(*QUICK, "--data_dir", synthetic_dir, "--save", str(target / "runs")),
+                         "--save: could not create the save folder", code=1)
         else:
-            expect_exit2(capsys, train_cli(*QUICK, "--data_dir", synthetic_dir, "--save", str(locked)),
-                         "not writable")
+            expect_exit(capsys, train_cli(*QUICK, "--data_dir", synthetic_dir, "--save", str(locked)),
+                         "not writable", code=1)
     finally:
         locked.chmod(0o700)
 
@@ -434,7 +436,7 @@ def test_channels_last_trains_like_nchw_and_bf16_like_fp32(tmp_path, synthetic_d
 def test_best_checkpoint_is_an_earlier_epoch_when_the_last_is_worse(tmp_path, synthetic_dir):
     """An LR step to 5.0 in epoch 3 wrecks the model: model_best.pytar must hold an earlier epoch's
     weights, and each model_state_XX.pytar its own epoch's (it reproduces that epoch's test loss)."""
-    r = train.run([*TINY, "--train-limit", "320", "--test-limit", "200", "--batch-size", "32", "--aug", "none",
+    r = run_train([*TINY, "--train-limit", "320", "--test-limit", "200", "--batch-size", "32", "--aug", "none",
                    "--lr-regime", "1", "2", "0.2", "3", "3", "5.0", "--bn-momentum", "0.5", "--no-progress",
                    "--data_dir", synthetic_dir, "--save", str(tmp_path), "--epochs", "3"])
     folder, history = r["folder"], r["history"]
@@ -491,7 +493,7 @@ def test_plain_head_end_to_end(tmp_path, synthetic_dir, capsys):
     assert test_script.main([*TINY, "--coslinear", "false", "--data_dir", synthetic_dir, "--test-limit", "300",
                              "--model-state-file", best_path, "--json", str(out)]) == 0
     assert json.load(open(out))["correct"] == correct
-    line = expect_exit2(capsys, lambda: test_script.run_main(test_script.main, [
+    line = expect_exit(capsys, lambda: test_script.run_main(test_script.main, [
         *TINY, "--data_dir", synthetic_dir, "--model-state-file", best_path]), "linear head")
     assert "cosine head" in line
     # Counting: every parameter of the file; the plain head has 320 x 100 + 100 where the cosine head
@@ -555,3 +557,21 @@ def test_compiled_and_wrapped_prefixes_are_stripped(tmp_path):
         checkpoint.load_weights(other, str(path))
         with torch.no_grad():
             assert torch.equal(other(x), want), prefix
+
+
+def test_checkpoint_format_is_versioned_and_old_training_states_still_resume(tmp_path):
+    """/1 files (before the meter had five named sums) are read and upgraded; /2 files as written."""
+    from engine.meter import FIELDS, Meter
+    old_sums = torch.tensor([12.5, 7.0, 32.0, 3.0], dtype=torch.float64)  # loss, correct, count, agree
+    old = checkpoint.with_checksum({"format": checkpoint.FORMAT_V1, "model": {}, "train": {
+        "next_epoch": 2, "next_step": 3, "best": None, "world_size": 1,
+        "partial": {"sums": old_sums, "seconds": 1.0, "rng": []}}})
+    path = tmp_path / "last.pytar"
+    torch.save(old, path)
+    loaded = checkpoint.upgrade(checkpoint.load_file(str(path)))   # the checksum of a /1 file still holds
+    assert loaded["format"] == checkpoint.FORMAT
+    totals = Meter("cpu", loaded["train"]["partial"]["sums"]).totals()
+    assert totals == dict(zip(FIELDS, [12.5, 7.0, 0.0, 3.0, 32.0]))
+    new_sums = torch.arange(5, dtype=torch.float64)
+    current = {"format": checkpoint.FORMAT, "train": {"partial": {"sums": new_sums}}}
+    assert torch.equal(checkpoint.upgrade(current)["train"]["partial"]["sums"], new_sums)

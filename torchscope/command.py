@@ -131,9 +131,8 @@ def run_count(model, args, record=None):
         return torchscope.count(model, input_size=tuple(args.input_size), mul_factor=args.mul_factor,
                                 rules=args.rules, compression=record, tta=args.tta)
     except (RuntimeError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise errors.ConfigError(f"cannot count {args.model} on input {'x'.join(map(str, args.input_size))}: "
-                                 f"{first[:200]}", setting="input_size") from None
+                                 f"{errors.first_line(e)}", setting="input_size") from None
 
 
 def is_uci_setting(args):
@@ -150,7 +149,7 @@ def write_json(path, payload):
             json.dump(payload, f, indent=2)
             f.write("\n")
     except OSError as e:
-        raise errors.ConfigError(f"cannot write {path}: {e.strerror or e}", setting="json") from None
+        raise errors.storage_error(path, e, setting="json") from None
 
 
 def main(argv=None):

@@ -18,8 +18,8 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import rules as R
-from . import score as S
+from . import rules as layer_rules
+from . import score as scoring
 
 # The original ran a batch of 2 so that BatchNorm sees more than one value per channel; its
 # memory lines (below) depend on that batch size.
@@ -154,11 +154,11 @@ class Report:
         }
 
     def scores(self):
-        return S.scores(self)
+        return scoring.scores(self)
 
     def score(self):
         """The one score the rules allow for this model (score.allowed)."""
-        return S.allowed(self)
+        return scoring.allowed(self)
 
     def to_dict(self):
         return {
@@ -183,7 +183,7 @@ class Report:
             "memory": self.memory(),
             **_score_fields(self),
             "sparse_weights": {k: {"nonzero": nz, "numel": n} for k, (nz, n) in self.sparse.items()},
-            "add_bits": S.ADD_BITS,
+            "add_bits": scoring.ADD_BITS,
             "compressed": self.compressed,
             "low_bit_layers": list(self.low_bit_layers),
             "tta": self.tta,
@@ -232,7 +232,7 @@ def charged_bits(bits):
 
 def on_integer_grid(bits):
     """Widths below 16 are integer grids, which need scales; 16 is float16 and needs none."""
-    return bits is not None and bits < S.FREEBIE_BITS
+    return bits is not None and bits < scoring.FREEBIE_BITS
 
 
 # Without a record, a weight tensor is stored sparse when more than 1/SPARSE_AT of it is exact zeros:
@@ -244,7 +244,7 @@ class _Counter:
     def __init__(self, model, rules, compression=None):
         self.model = model
         self.rules = rules
-        self.table = R.RULESETS[rules]
+        self.table = layer_rules.RULESETS[rules]
         self.names = {m: n for n, m in model.named_modules()}
         self.micronet = rules == "micronet"
         # name -> record entry; None: no record (exact zeros decide what is sparse).
@@ -295,7 +295,7 @@ class _Counter:
 
     def _layer_weight(self, module, kind):
         """(non-zeros if counted sparse else None, the weight tensor) of a conv/linear/cosine."""
-        attr = R.WEIGHT_ATTR.get(kind)
+        attr = layer_rules.WEIGHT_ATTR.get(kind)
         w = getattr(module, attr, None) if attr else None
         if not self.micronet or not isinstance(w, torch.Tensor) or w.dim() < 2:
             return None, w
@@ -327,8 +327,8 @@ class _Counter:
                 self.sparse[f"{self.names.get(module, '')}.{pname}".lstrip(".")] = (nz, n)
 
     def leaf_hook(self, module, inputs, output):
-        kind, rule = R.find_rule(self.table, module)
-        if rule is R.UNSEEN:
+        kind, rule = layer_rules.find_rule(self.table, module)
+        if rule is layer_rules.UNSEEN:
             return
         x, out = _first_tensor(inputs), _first_tensor(output)
         if out is None:
@@ -336,7 +336,7 @@ class _Counter:
         self._check_batch(module, out)
         row = self._new_row(module, out)
         in_shape = tuple(x.shape[1:]) if x is not None else ()
-        row.activations = 0 if kind in R.INLINE_KINDS else out[0].numel()
+        row.activations = 0 if kind in layer_rules.INLINE_KINDS else out[0].numel()
 
         if kind == "batchnorm" and self.rules == "micronet":
             prod = self.producers.get(id(x)) if x is not None else None
@@ -346,7 +346,7 @@ class _Counter:
         if id(row) not in self.folded:
             if rule is None:
                 self.uncounted.append((row.name, row.type))
-            elif self.micronet and kind in R.WEIGHT_ATTR:
+            elif self.micronet and kind in layer_rules.WEIGHT_ATTR:
                 nonzero, w = self._layer_weight(module, kind)
                 self._apply(row, rule(module, in_shape, tuple(out.shape[1:]), nonzero=nonzero))
                 entry = self._entry(module)
@@ -374,7 +374,7 @@ class _Counter:
         first_call = self.calls[module] == 1
         qparams = 0
         if int_w:
-            qparams += w.shape[R.OUTPUT_AXIS[kind]]
+            qparams += w.shape[layer_rules.OUTPUT_AXIS[kind]]
         if int_a:
             qparams += 2
             row.scale_mults += x[0].numel()
@@ -434,7 +434,7 @@ def _units(model):
             return
         seen.add(id(m))
         children = list(m.children())
-        if not children or R.layer_kind(m) is not None:
+        if not children or layer_rules.layer_kind(m) is not None:
             out.append(m)
             return
         for child in children:
@@ -451,11 +451,11 @@ def _check_compression(model, compression):
     modules = dict(model.named_modules())
     for name, entry in layers.items():
         m = modules.get(name)
-        if m is None or R.layer_kind(m) not in R.WEIGHT_ATTR:
+        if m is None or layer_rules.layer_kind(m) not in layer_rules.WEIGHT_ATTR:
             raise ValueError(f"the compression record names {name}, not a conv, linear or cosine layer of "
                              "the model counted")
         mask = entry.get("mask")
-        w = getattr(m, R.WEIGHT_ATTR[R.layer_kind(m)])
+        w = getattr(m, layer_rules.WEIGHT_ATTR[layer_rules.layer_kind(m)])
         if mask is not None and tuple(mask.shape) != tuple(w.shape):
             raise ValueError(f"the compression record's mask of {name} has shape {tuple(mask.shape)}, "
                              f"its weight {tuple(w.shape)}")
@@ -495,12 +495,13 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compressio
     """
     if not 0 < mul_factor <= 1:
         raise ValueError(f"mul_factor must be in (0, 1], got {mul_factor}")
-    rules = R.ruleset_name(rules)
+    rules = layer_rules.ruleset_name(rules)
     input_size = tuple(int(s) for s in input_size)
     if compression is not None:
         _check_compression(model, compression)
     c = _Counter(model, rules, compression)
-    handles = [m.register_forward_hook(c.leaf_hook) for m in _units(model)]
+    units = _units(model)
+    handles = [m.register_forward_hook(c.leaf_hook) for m in units]
 
     try:
         first = next(model.parameters(), None)
@@ -524,11 +525,15 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compressio
             h.remove()
         c.producers.clear()
 
-    params = list({id(p): p for p in model.parameters()}.values())
+    # A layer with a kind counts whole; parameters of its children are its quantiser's (learned step
+    # sizes), which the micronet rules charge as the layer's quantisation parameters: not weights.
+    machinery = {id(p) for u in units if layer_rules.layer_kind(u) is not None
+                 for child in u.children() for p in child.parameters()}
+    params = [p for p in {id(p): p for p in model.parameters()}.values() if id(p) not in machinery]
     total = sum(p.numel() for p in params)
     trainable = sum(p.numel() for p in params if p.requires_grad)
     legacy = sum(p.numel() for m in model.modules() for n, p in m.named_parameters(recurse=False)
-                 if n not in ("weight", "bias"))
+                 if n not in ("weight", "bias") and id(p) not in machinery)
     idle = sum(p.numel() for p in params if id(p) not in c.seen_params)
 
     if tta:

@@ -1,4 +1,5 @@
-"""Run folders: naming, locking, the small bookkeeping files, and finding a run to resume.
+"""The run folder: its name, its lock, finding a run to resume, its log, and the files derived from
+its state (status.json, metrics.csv, curves.png, args.json).
 
 The one source of truth about a run is its `last.pytar` (engine.saver): position, best epoch,
 history, arguments, finished or not. Everything else in the folder (status.json, metrics.csv,
@@ -17,30 +18,13 @@ import tempfile
 
 import errors
 
-from .atomic import TMP_PREFIX, write_atomic
-from .checkpoint import load_file
-
-# Arguments that define what a run computes: a resume must agree on all of them. The rest (device,
-# speed switches, progress, paths) may change between the original run and its resume.
-IDENTITY_ARGS = ("model", "width_mult", "depth_mult", "coslinear", "s", "m", "label_smoothing",
-                 "lr_regime", "batch_size", "momentum", "weight_decay", "seed", "aug", "train_limit",
-                 "test_limit", "label_refinery_model", "label_refinery_state_file",
-                 "label_refinery_width_mult", "label_refinery_depth_mult", "refinery_bn",
-                 "drop_connect", "dropout", "bn_momentum", "lr_scale", "sync_bn", "nan_policy",
-                 "init_from", "prune", "prune_schedule", "prune_scope", "quant", "quant_first_last")
-
-# Not part of a run's identity, but a resume that does not give them keeps the run's values.
-INHERITED_ARGS = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "keep_epoch_states",
-                  "no_download", "precise_bn")
+from .checkpoint import TMP_PREFIX, load_file, write_atomic
+from .config import identity_diff
 
 METRIC_FIELDS = ("epoch", "lr", "train_loss", "train_top1", "test_loss", "test_top1", "test_top5",
                  "images_per_s", "seconds")
 REFINED_FIELDS = ("train_agreement", "test_agreement")
 LOCK_FILE = ".lock"
-
-
-def _storage_error(path, e):
-    return errors.StorageError(f"could not write {path}: {e.strerror or e}")
 
 
 def write_text_atomic(path, text):
@@ -69,11 +53,10 @@ def check_save_root(root):
     try:
         os.makedirs(root, exist_ok=True)
     except OSError as e:
-        raise errors.ConfigError(f"cannot create the save folder {root}: {e.strerror}; choose a writable "
-                                 "folder", setting="save") from None
+        raise errors.storage_error(root, e, doing="create the save folder", setting="save") from None
     if not os.access(root, os.W_OK | os.X_OK):
-        raise errors.ConfigError(f"the save folder {root} is not writable (permission denied); choose a "
-                                 "writable folder or fix its permissions", setting="save")
+        raise errors.StorageError(f"the save folder {root} is not writable (permission denied)", setting="save",
+                                  cause="denied")
     probe = None
     try:
         fd, probe = tempfile.mkstemp(prefix=TMP_PREFIX, dir=root)
@@ -82,8 +65,7 @@ def check_save_root(root):
             f.flush()
             os.fsync(f.fileno())
     except OSError as e:
-        raise errors.ConfigError(f"cannot write into the save folder {root}: {e.strerror}; free disk space "
-                                 "or choose another folder", setting="save") from None
+        raise errors.storage_error(root, e, doing="write into the save folder", setting="save") from None
     finally:
         if probe and os.path.exists(probe):
             os.unlink(probe)
@@ -101,7 +83,7 @@ def create_run_dir(root, model, coslinear, refined):
             n += 1
             path = f"{base}-{n}"
         except OSError as e:
-            raise _storage_error(path, e) from None
+            raise errors.storage_error(path, e) from None
 
 
 def remove_temporaries(folder):
@@ -126,7 +108,7 @@ class RunLock:
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _storage_error(path, e) from None
+            raise errors.storage_error(path, e) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -152,18 +134,9 @@ class RunLock:
         self.release()
 
 
-def identity(args_dict):
-    return {k: args_dict.get(k) for k in IDENTITY_ARGS}
-
-
-def identity_diff(a, b):
-    ia, ib = identity(a), identity(b)
-    return [k for k in IDENTITY_ARGS if ia[k] != ib[k]]
-
-
 def read_state(folder):
-    """A run's last.pytar (memory-mapped: only the small fields are read), or None when it has none
-    or it is damaged."""
+    """A run's last.pytar, or None when it has none or it is damaged. Memory-mapped, so that the
+    weights are not copied into memory; the checksum still reads every byte once."""
     path = os.path.join(folder, "last.pytar")
     if not os.path.isfile(path):
         return None
@@ -173,8 +146,8 @@ def read_state(folder):
         return None
 
 
-def find_run(root, args_dict):
-    """The newest run folder under root whose last.pytar has these identity arguments, finished or
+def find_run(root, settings):
+    """The newest run folder under root whose last.pytar has these identity settings, finished or
     not, or None. Only last.pytar is trusted; a damaged status.json or args.json changes nothing."""
     best = None
     for path in glob.glob(os.path.join(root, "*", "last.pytar")):
@@ -182,7 +155,7 @@ def find_run(root, args_dict):
         state = read_state(folder)
         if not isinstance(state, dict) or not isinstance(state.get("args"), dict):
             continue
-        if identity_diff(state["args"], args_dict):
+        if identity_diff(state["args"], settings):
             continue
         mtime = os.path.getmtime(path)
         if best is None or mtime > best[0]:
@@ -207,7 +180,7 @@ class RunLog:
             try:
                 self.file = open(path, "a", buffering=1)
             except OSError as e:
-                raise _storage_error(path, e) from None
+                raise errors.storage_error(path, e) from None
 
     def __call__(self, msg=""):
         if not self.enabled:
@@ -284,7 +257,23 @@ def draw_curves(path, history, title=""):
         return None
     except Exception as e:  # any failure to draw (disk full, a broken backend) only costs the picture
         plt.close("all")
-        return f"{type(e).__name__}: {e}".splitlines()[0][:160]
+        return errors.first_line(f"{type(e).__name__}: {e}")
     finally:
         if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def write_derived(folder, state, refined, log):
+    """status.json, metrics.csv and curves.png from a run's state; curves that cannot be drawn
+    only cost a warning."""
+    write_json(os.path.join(folder, "status.json"), status_of(state))
+    write_metrics(folder, state.history, refined)
+    problem = draw_curves(os.path.join(folder, "curves.png"), state.history, os.path.basename(folder))
+    if problem:
+        log(f"warning: curves.png not drawn ({problem}); training goes on")
+
+
+def status_of(state):
+    """status.json: where the run stands (for people and scripts; the run itself trusts last.pytar)."""
+    return {"next_epoch": state.next_epoch, "next_step": state.next_step, "finished": state.finished,
+            "best": state.best}
