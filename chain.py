@@ -24,11 +24,11 @@ import torch
 
 import compress
 import data
-import errors
+from micronet_cifar100 import errors
 import models
-from cli.args import positive_int
-from cli.errors import run_main
-from cli.train_flags import build_parser as train_flags, finish_args
+from micronet_cifar100.cli.args import positive_int
+from micronet_cifar100.cli.errors import run_main
+from micronet_cifar100.cli.train_flags import build_parser as train_flags, finish_args
 from engine import checkpoint, distributed, optim, run_folder
 from engine.config import RunConfig
 from engine.evaluate import evaluate_checkpoint

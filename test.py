@@ -12,10 +12,10 @@ import sys
 
 import compress
 import data
-import errors
+from micronet_cifar100 import errors
 import torchscope
-from cli.args import add_data_args, add_model_args, positive_int, typed
-from cli.errors import run_main
+from micronet_cifar100.cli.args import add_data_args, add_model_args, positive_int, typed
+from micronet_cifar100.cli.errors import run_main
 from engine import distributed
 from engine.evaluate import evaluate_checkpoint
 

@@ -12,8 +12,8 @@ The flags are in cli/train_flags.py, the training loop in engine/trainer.py.
 """
 import sys
 
-from cli.errors import run_main
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.errors import run_main
+from micronet_cifar100.cli.train_flags import parse_config
 from engine.trainer import train
 
 

@@ -37,8 +37,8 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset
 
 import data
 from bench import common, summary
-from cli import args as cli_args
-from cli.errors import run_main
+from micronet_cifar100.cli import args as cli_args
+from micronet_cifar100.cli.errors import run_main
 from data import augment_cpu
 from engine import distributed
 from engine.trainer import sync

@@ -17,33 +17,29 @@ JSON also has a `refined/MODE` row with that very teacher, the directly measured
 shown beside the sum (`measured`). --epochs-within prints how many epochs of a model fit a time
 budget (gpu.sh uses it to size its training run).
 """
-import argparse
 import os
 import sys
-import glob
-import json
+
+# `python bench/NAME.py` puts bench/ on sys.path, not the root that holds the project's packages.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import data
+from micronet_cifar100 import errors
 import models
+from bench.common import fmt, load_results, markdown_table, parser, write_json
+from micronet_cifar100.cli import args as cli_args
+from micronet_cifar100.cli.errors import run_main
 
 # One epoch of the original entry's recipe: 3 augmented copies of the 50,000 training images.
-SAMPLES_PER_EPOCH = data.copies("uci") * 50_000
-TEST_SAMPLES = 10_000
+SAMPLES_PER_EPOCH = data.copies("uci") * data.TRAIN_IMAGES
+TEST_SAMPLES = data.TEST_IMAGES
 # (student, teacher or None, epochs): chain.py's default stages with each model's own regime.
 CHAIN = tuple((name, models.UCI_CHAIN[i - 1] if i else None, models.card(name).epochs)
               for i, name in enumerate(models.UCI_CHAIN))
 # Full-size scaling of each model: only such results stand for the chain's models.
 FULL_SIZE = {name: (models.card(name).width, models.card(name).depth) for name in models.names()}
 SHORT = {name: name.replace("efficientnet_", "") for name in models.names()}
-
-
-def load_speeds(paths, full_size_only=True):
-    """{(model, batch_size): {mode: row}} from step JSON files (see speeds_from_docs)."""
-    docs = []
-    for path in paths:
-        with open(path) as f:
-            docs.append(json.load(f))
-    return speeds_from_docs(docs, full_size_only)
 
 
 def speeds_from_docs(docs, full_size_only=True):
@@ -72,17 +68,19 @@ def _pick(speeds, model, batch, modes):
     return None, None
 
 
-def stage_time(speeds, student, teacher, epochs, batch, modes, samples=SAMPLES_PER_EPOCH,
-               test_samples=TEST_SAMPLES):
+def epoch_seconds(row):
+    """(train, test) seconds of one epoch at a step bench row's speeds."""
+    return SAMPLES_PER_EPOCH / row["train_images_per_s"], TEST_SAMPLES / row["eval_images_per_s"]
+
+
+def stage_time(speeds, student, teacher, epochs, batch, modes):
     """Seconds of one stage: the sum formula, and the measured refined step where there is one."""
+    out = {"student": student, "teacher": teacher, "epochs": epochs}
     mode, s = _pick(speeds, student, batch, modes)
     if s is None:
-        return {"student": student, "teacher": teacher, "epochs": epochs,
-                "error": f"no {'/'.join(modes)} result for {student} at batch {batch}"}
-    train = samples / s["train_images_per_s"]
-    test = test_samples / s["eval_images_per_s"]
-    out = {"student": student, "teacher": teacher, "epochs": epochs, "mode": mode,
-           "student_train_images_per_s": s["train_images_per_s"]}
+        return dict(out, error=f"no {'/'.join(modes)} result for {student} at batch {batch}")
+    train, test = epoch_seconds(s)
+    out.update(mode=mode, student_train_images_per_s=s["train_images_per_s"])
     if teacher:
         # The teacher in the student's mode where measured; else the next fallback (the table says).
         t_modes = [mode] + [m for m in modes if m != mode]
@@ -90,40 +88,33 @@ def stage_time(speeds, student, teacher, epochs, batch, modes, samples=SAMPLES_P
         if t is None:
             out["error"] = f"no {'/'.join(t_modes)} result for teacher {teacher} at batch {batch}"
             return out
-        train += samples / t["eval_images_per_s"]
-        test += test_samples / t["eval_images_per_s"]
-        out["teacher_eval_images_per_s"] = t["eval_images_per_s"]
-        out["teacher_mode"] = t_mode
+        # The teacher's forward on every training and test batch (refinery.Refinery, the test's agreement).
+        train += SAMPLES_PER_EPOCH / t["eval_images_per_s"]
+        test += TEST_SAMPLES / t["eval_images_per_s"]
+        out.update(teacher_eval_images_per_s=t["eval_images_per_s"], teacher_mode=t_mode)
         r = speeds.get((student, batch), {}).get("refined/" + mode)
         if r and r.get("teacher") == teacher and r.get("eval_images_per_s"):
-            out["measured_refined_train_images_per_s"] = r["train_images_per_s"]
-            out["measured_seconds"] = epochs * (samples / r["train_images_per_s"]
-                                                + test_samples / r["eval_images_per_s"])
-    out["train_seconds"] = epochs * train
-    out["test_seconds"] = epochs * test
-    out["seconds"] = out["train_seconds"] + out["test_seconds"]
-    out["epoch_seconds"] = train + test
+            out.update(measured_refined_train_images_per_s=r["train_images_per_s"],
+                       measured_seconds=epochs * sum(epoch_seconds(r)))
+    out.update(train_seconds=epochs * train, test_seconds=epochs * test)
+    out.update(seconds=out["train_seconds"] + out["test_seconds"], epoch_seconds=train + test)
     return out
 
 
-def chain_eta(speeds, batch, modes, chain=CHAIN, samples=SAMPLES_PER_EPOCH, test_samples=TEST_SAMPLES):
-    stages = [stage_time(speeds, s, t, e, batch, modes, samples, test_samples) for s, t, e in chain]
+def chain_eta(speeds, batch, modes):
+    stages = [stage_time(speeds, s, t, e, batch, modes) for s, t, e in CHAIN]
     ok = all("seconds" in st for st in stages)
     measured = [st.get("measured_seconds", st.get("seconds")) for st in stages]
-    return {"batch_size": batch, "modes": list(modes), "samples_per_epoch": samples,
-            "test_samples": test_samples, "stages": stages,
+    return {"batch_size": batch, "modes": list(modes), "samples_per_epoch": SAMPLES_PER_EPOCH,
+            "test_samples": TEST_SAMPLES, "stages": stages,
             "seconds": sum(st["seconds"] for st in stages) if ok else None,
             "seconds_with_measured_refined": sum(measured) if ok and None not in measured else None}
 
 
-def epochs_within(speeds, model, batch, modes, budget_s, overhead_s=0.0, samples=SAMPLES_PER_EPOCH,
-                  test_samples=TEST_SAMPLES):
+def epochs_within(speeds, model, batch, modes, budget_s, overhead_s=0.0):
     """Whole epochs of `model` on hard labels that fit budget_s after overhead_s; at least 1."""
     _, s = _pick(speeds, model, batch, modes)
-    if s is None:
-        return None
-    epoch = samples / s["train_images_per_s"] + test_samples / s["eval_images_per_s"]
-    return max(1, int((budget_s - overhead_s) // epoch))
+    return None if s is None else max(1, int((budget_s - overhead_s) // sum(epoch_seconds(s))))
 
 
 def hours(seconds):
@@ -131,7 +122,6 @@ def hours(seconds):
 
 
 def format_eta(eta):
-    from bench.common import fmt, markdown_table
     rows = []
     for i, st in enumerate(eta["stages"], 1):
         who = SHORT.get(st["student"], st["student"]) + (
@@ -155,53 +145,42 @@ def format_eta(eta):
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = parser(__doc__)
     p.add_argument("files", nargs="+", help="step JSONs, or folders holding them")
     p.add_argument("--mode", default="all", help="mode whose speeds to use")
     p.add_argument("--fallback-modes", default="all-eager,eager-fp32",
                    help="used, in order, for a model that lacks --mode (the table says which)")
-    p.add_argument("--batch-size", type=int, nargs="*", default=None,
+    p.add_argument("--batch-size", type=cli_args.positive_int, nargs="*", default=None,
                    help="batch sizes to report (default: every one found)")
-    p.add_argument("--samples", type=int, default=SAMPLES_PER_EPOCH)
-    p.add_argument("--test-samples", type=int, default=TEST_SAMPLES)
     p.add_argument("--any-width", action="store_true", help="also use narrowed models' results")
-    p.add_argument("--epochs-within", type=float, default=None, metavar="SECONDS",
+    p.add_argument("--epochs-within", type=cli_args.positive_float, default=None, metavar="SECONDS",
                    help="print only how many epochs of --model fit in SECONDS")
-    p.add_argument("--overhead", type=float, default=0.0, help="seconds to set aside (with --epochs-within)")
-    p.add_argument("--model", default="efficientnet_ex")
+    p.add_argument("--overhead", type=cli_args.nonneg_float, default=0.0,
+                   help="seconds to set aside (with --epochs-within)")
+    p.add_argument("--model", type=cli_args.model_name, default="efficientnet_ex")
     p.add_argument("--json", default=None)
     return p
 
 
-def expand(paths):
-    out = []
-    for p in paths:
-        out += sorted(glob.glob(os.path.join(p, "*.json"))) if os.path.isdir(p) else [p]
-    return out
-
-
 def main(argv=None):
     a = build_parser().parse_args(argv)
-    speeds = load_speeds(expand(a.files), full_size_only=not a.any_width)
+    speeds = speeds_from_docs(load_results(a.files), full_size_only=not a.any_width)
     modes = [a.mode] + [m for m in a.fallback_modes.split(",") if m and m != a.mode]
     batches = a.batch_size or sorted({b for _, b in speeds})
     if a.epochs_within is not None:
-        n = epochs_within(speeds, a.model, batches[0] if batches else None, modes, a.epochs_within,
-                          a.overhead, a.samples, a.test_samples)
+        # gpu.sh reads the one number printed; nothing printed means no speed of --model was found.
+        n = epochs_within(speeds, a.model, batches[0] if batches else None, modes, a.epochs_within, a.overhead)
         print(n if n is not None else "")
         return 0 if n is not None else 1
     if not batches:
-        print("no full-size step results found (use --any-width for narrowed models)", file=sys.stderr)
-        return 1
-    etas = [chain_eta(speeds, b, modes, CHAIN, a.samples, a.test_samples) for b in batches]
+        raise errors.RunError("no full-size step results found (use --any-width for narrowed models)")
+    etas = [chain_eta(speeds, b, modes) for b in batches]
     for eta in etas:
         print(format_eta(eta) + "\n")
     if a.json:
-        from bench.common import write_json
         write_json(a.json, {"bench": "eta", "chain": [list(c) for c in CHAIN], "etas": etas})
     return 0 if any(e["seconds"] is not None for e in etas) else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

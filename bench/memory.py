@@ -19,13 +19,20 @@ params, a few tens of MB here), cuDNN workspaces and the allocator's slack. benc
 the real peak.
 """
 import argparse
+import os
 import sys
+
+# `python bench/NAME.py` puts bench/ on sys.path, not the root that holds the project's packages.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
 
 import models
 import torchscope
 from bench.common import MiB, markdown_table, write_json
+from micronet_cifar100.cli import args as cli_args
+from micronet_cifar100.cli.errors import run_main
 
 
 def block_elements(model):
@@ -65,8 +72,8 @@ def estimate(name, batches):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--batch-size", type=int, nargs="+", default=[128, 512])
-    p.add_argument("--models", nargs="+", default=models.names())
+    p.add_argument("--batch-size", type=cli_args.positive_int, nargs="+", default=[128, 512])
+    p.add_argument("--models", type=cli_args.model_name, nargs="+", default=models.names())
     p.add_argument("--json", default=None)
     a = p.parse_args(argv)
     rows, docs = [], []
@@ -86,4 +93,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

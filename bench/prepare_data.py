@@ -11,26 +11,32 @@ serve every speed measurement but make any accuracy meaningless. Prints one JSON
 {"data_dir": DEST, "source": "existing" | "parts" | "synthetic"}; exit 1 if no data could be made.
 """
 import argparse
-import os
-import sys
 import hashlib
 import io
 import json
 import lzma
+import os
 import pickle
 import re
+import sys
 import tarfile
+
+# `python bench/NAME.py` puts bench/ on sys.path, not the root that holds the project's packages.
+if not __package__:
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np
 
-FOLDER = "cifar-100-python"
-SPLITS = {"train": 50_000, "test": 10_000}
+import data
+from micronet_cifar100 import errors
+from micronet_cifar100.cli.errors import run_main
+from data.cifar import FOLDER
+
+SPLITS = {"train": data.TRAIN_IMAGES, "test": data.TEST_IMAGES}
 
 
 def readable(dest):
     """True when DEST holds both splits that data.load_cifar100 accepts."""
-    import data
-    import errors
     try:
         data.load_cifar100(dest, train=True, download=False)
         data.load_cifar100(dest, train=False, download=False)
@@ -63,7 +69,7 @@ def unpack_parts(parts, dest):
         for p in parts:
             name = os.path.basename(p)
             if name in want and _sha256(p) != want[name]:
-                raise SystemExit(f"error: {p}: checksum mismatch; the copy of the parts is damaged")
+                raise errors.DataError(f"{p}: checksum mismatch; the copy of the parts is damaged")
     blob = b"".join(open(p, "rb").read() for p in parts)
     os.makedirs(dest, exist_ok=True)
     with tarfile.open(fileobj=io.BytesIO(lzma.decompress(blob))) as tar:
@@ -97,17 +103,17 @@ def main(argv=None):
     elif find_parts(a.parts_dir):
         unpack_parts(find_parts(a.parts_dir), a.dest)
         if not readable(a.dest):
-            raise SystemExit(f"error: the parts in {a.parts_dir} did not unpack to a readable CIFAR-100")
+            raise errors.DataError(f"the parts in {a.parts_dir} did not unpack to a readable CIFAR-100")
         source = "parts"
     elif a.synthetic_fallback:
         write_synthetic(a.dest)
         source = "synthetic"
     else:
-        print(f"error: no CIFAR-100 in {a.dest} and no *.partN files in {a.parts_dir}", file=sys.stderr)
-        return 1
+        raise errors.DataError(f"no CIFAR-100 in {a.dest} and no *.partN files in {a.parts_dir}; "
+                               "add --synthetic-fallback for random images")
     print(json.dumps({"data_dir": os.path.abspath(a.dest), "source": source}))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

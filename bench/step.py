@@ -41,8 +41,8 @@ import torch
 import models
 import refinery
 from bench import common, summary
-from cli import args as cli_args
-from cli.errors import run_main
+from micronet_cifar100.cli import args as cli_args
+from micronet_cifar100.cli.errors import run_main
 from engine import distributed, optim, speed
 from engine.evaluate import evaluate
 from engine.step import HardLabels, StepParts

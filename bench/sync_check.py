@@ -30,10 +30,10 @@ if not __package__:
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import errors
+from micronet_cifar100 import errors
 from bench import common, summary
-from cli.errors import run_main
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.errors import run_main
+from micronet_cifar100.cli.train_flags import parse_config
 from engine import trainer
 
 _HERE = os.path.dirname(os.path.abspath(__file__))

@@ -25,7 +25,7 @@ trains with).
 """
 import torch
 
-import errors
+from micronet_cifar100 import errors
 
 from . import quant as Q
 

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.ao.quantization import FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver
 
-import errors
+from micronet_cifar100 import errors
 from models.heads import NORM_EPS, CosineLinear
 
 from . import layers as L

@@ -25,7 +25,7 @@ import math
 
 import torch
 
-import errors
+from micronet_cifar100 import errors
 
 from . import layers as L
 from . import quant as Q

@@ -16,7 +16,7 @@ from typing import Callable, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from errors import ConfigError
+from micronet_cifar100.errors import ConfigError
 
 from .cifar import MEAN, STD
 

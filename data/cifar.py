@@ -6,7 +6,7 @@ import stat
 import numpy as np
 import torch
 
-from errors import DataError, DataNotFound, DataPermission, DownloadFailed, first_line
+from micronet_cifar100.errors import DataError, DataNotFound, DataPermission, DownloadFailed, first_line
 
 # CIFAR-10 statistics: the original recipe normalised CIFAR-100 with these, and we keep its numbers.
 MEAN = (0.4914, 0.4822, 0.4465)

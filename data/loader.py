@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from errors import ConfigError, RunError
+from micronet_cifar100.errors import ConfigError, RunError
 
 from . import augment, augment_cpu
 

@@ -25,7 +25,7 @@ import zipfile
 import torch
 
 import compress
-import errors
+from micronet_cifar100 import errors
 import models
 
 # The wrapped files' layout, versioned: /2 stores a mid-epoch meter as its five named sums (meter.FIELDS);

@@ -8,7 +8,7 @@ import contextlib
 import os
 
 import compress
-import errors
+from micronet_cifar100 import errors
 
 from . import checkpoint
 

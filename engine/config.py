@@ -10,7 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
-import errors
+from micronet_cifar100 import errors
 
 # Settings that define what a run computes: a resume must agree on all of them. The rest (device,
 # speed switches, progress, paths) may change between the original run and its resume.

@@ -5,7 +5,7 @@ import os
 import torch
 import torch.distributed as dist
 
-import errors
+from micronet_cifar100 import errors
 
 
 class Context:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-import errors
+from micronet_cifar100 import errors
 
 _FIX = "give triples 'start end lr' covering epochs 1..N, e.g. 1 25 0.07 26 50 0.007"
 

@@ -16,7 +16,7 @@ import os
 import sys
 import tempfile
 
-import errors
+from micronet_cifar100 import errors
 
 from .checkpoint import TMP_PREFIX, load_file, write_atomic
 from .config import identity_diff

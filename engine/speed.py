@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-import errors
+from micronet_cifar100 import errors
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 

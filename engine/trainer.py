@@ -23,7 +23,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel
 
 import data
-import errors
+from micronet_cifar100 import errors
 import models
 import refinery
 from loss import make_criterion

@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-import errors
+from micronet_cifar100 import errors
 
 HEADS = ("cosine", "linear")
 

@@ -10,7 +10,7 @@ import os
 import torch
 from torch import nn
 
-import errors
+from micronet_cifar100 import errors
 import models
 from engine.checkpoint import load_weights
 from loss import logits_from_output, soft_target_loss

@@ -47,7 +47,7 @@ SHORT_REAL = ["--model", "efficientnet_ex", "--width-mult", "0.25", "--depth-mul
 def run_train(argv, on_epoch=None, on_speed=None, **hooks):
     """What `python train.py ARGV` does, through the library: the flags parsed into a RunConfig,
     then trained (engine.trainer.train); returns the Trainer's result."""
-    from cli.train_flags import parse_config
+    from micronet_cifar100.cli.train_flags import parse_config
     from engine.trainer import Hooks, train
     return train(parse_config([str(a) for a in argv]), Hooks(on_epoch=on_epoch, on_speed=on_speed, **hooks))
 

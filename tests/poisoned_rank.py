@@ -7,8 +7,8 @@ rank's training steps). Only used by tests/test_faults.py.
 import os
 import sys
 
-from cli.errors import run_main
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.errors import run_main
+from micronet_cifar100.cli.train_flags import parse_config
 from engine import trainer
 
 

@@ -13,7 +13,7 @@ import tarfile
 import pytest
 import torch
 
-import errors
+from micronet_cifar100 import errors
 from bench import common, eta, prepare_data, step, summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

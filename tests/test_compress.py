@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import compress
-import errors
+from micronet_cifar100 import errors
 import models
 from compress import layers as L
 from compress import quant as Q

@@ -11,7 +11,7 @@ from torch import nn
 
 import compress
 import data
-import errors
+from micronet_cifar100 import errors
 import models
 from compress import layers as L
 from compress import lsq

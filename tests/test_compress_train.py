@@ -16,9 +16,9 @@ import compress
 import models
 import test as test_script
 import torchscope
-from cli.errors import run_main
+from micronet_cifar100.cli.errors import run_main
 from compress.prune import _count
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.train_flags import parse_config
 from conftest import ROOT, assert_same_weights, load_weights_file, run_train, train_main
 from engine import checkpoint, compression
 from engine.state import RunState

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import chain
-from cli.errors import run_main
+from micronet_cifar100.cli.errors import run_main
 from conftest import ROOT, assert_same_weights, load_weights_file, run_train, train_main
 
 pytestmark = pytest.mark.slow

@@ -15,7 +15,7 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 
 import data
-import errors
+from micronet_cifar100 import errors
 from data import (AUG_RECIPES, MEAN, STD, EvalLoader, Placement, TrainLoader, augment, augment_cpu, copies,
                   load_cifar100, make_pipeline, recipe_name, subset)
 

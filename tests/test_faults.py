@@ -15,11 +15,11 @@ import pytest
 import torch
 
 import models
-from cli.errors import message
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.errors import message
+from micronet_cifar100.cli.train_flags import parse_config
 from conftest import ROOT, TINY, assert_same_weights, load_weights_file, run_train
 from engine import checkpoint, speed
-from errors import ToolkitError as UserError
+from micronet_cifar100.errors import ToolkitError as UserError
 
 # One torch thread here and in every subprocess (start() and torchrun() pass it on): the tiny
 # models run faster so, and a run resumed in this process matches a subprocess's bit for bit.

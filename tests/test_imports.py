@@ -28,7 +28,11 @@ ALLOWED = {
     "cli": {"errors", "models", "data", "compress", "refinery", "engine", "engine.checkpoint"},
 }
 PARTS = ("errors", "models", "loss", "data", "refinery", "compress", "engine", "torchscope", "cli", "bench",
-         "train", "test", "chain")
+         "train", "test", "chain", "deploy", "export", "tools")
+# Where a part lives when it is not a top-level name: the shared parts are installed under the
+# project's own package, so that no generic top-level module is installed.
+HOME = {"errors": os.path.join("micronet_cifar100", "errors"), "cli": os.path.join("micronet_cifar100", "cli")}
+SHARED = "micronet_cifar100"
 # Library code: its messages and docs say what is wrong, the front ends add the flag to change.
 LIBRARY = ("models", "loss", "data", "refinery", "compress", "engine", "torchscope")
 # The Trainer's log and a resume's mismatch speak to the user of train.py and chain.py in their flags,
@@ -44,15 +48,18 @@ def part_of(rel):
         return "torchscope.command"
     if rel == CHECKPOINT_FORMAT:
         return "engine.checkpoint"
+    for part, home in HOME.items():
+        if rel == home + ".py" or rel.startswith(home + os.sep):
+            return part
     top = rel.split(os.sep)[0]
     return top[:-3] if top.endswith(".py") else top
 
 
 def sources():
     for part in PARTS:
-        path = os.path.join(ROOT, part)
+        path = os.path.join(ROOT, HOME.get(part, part))
         if os.path.isfile(path + ".py"):
-            yield part + ".py"
+            yield os.path.relpath(path + ".py", ROOT)
         for base, _, files in os.walk(path):
             for f in files:
                 if f.endswith(".py"):
@@ -71,9 +78,13 @@ def project_imports(tree):
         names = []
         if isinstance(node, ast.Import):
             names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module == SHARED:
+            names = [f"{SHARED}.{a.name}" for a in node.names]
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names = [node.module]
         for name in names:
+            if name.startswith(SHARED + "."):
+                name = name[len(SHARED) + 1:]   # micronet_cifar100.cli.args -> the part "cli"
             top = name.split(".")[0]
             if name == "engine.checkpoint" or name.startswith("engine.checkpoint."):
                 found.add("engine.checkpoint")

@@ -16,10 +16,10 @@ import models
 import refinery
 import torchscope
 from refinery import load_teacher
-from cli.errors import run_main
+from micronet_cifar100.cli.errors import run_main
 from conftest import TINY, first_test_images, load_model, run_train
 from engine import checkpoint
-from errors import ToolkitError as UserError
+from micronet_cifar100.errors import ToolkitError as UserError
 from loss import am_softmax_loss
 from models.heads import CosineLinear, L2Norm
 

@@ -16,7 +16,7 @@ import torchsummary
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-import errors
+from micronet_cifar100 import errors
 import models
 import torchscope
 from models.efficientnet import BlockSpec, ConvUnit, MBConv

@@ -13,11 +13,11 @@ import torch.nn.functional as F
 import models
 import test as test_script
 import torchscope
-from cli.errors import run_main
-from cli.train_flags import parse_config
+from micronet_cifar100.cli.errors import run_main
+from micronet_cifar100.cli.train_flags import parse_config
 from conftest import TINY, assert_same_weights, first_test_images, load_model, load_weights_file, run_train, train_main
 from engine import checkpoint
-from errors import ToolkitError as UserError
+from micronet_cifar100.errors import ToolkitError as UserError
 from engine.optim import lr_at, parse_regime
 
 # The tensors of the tiny models are too small to share between cores: one thread is faster, and the

@@ -22,11 +22,11 @@ import sys
 
 import torch
 
-import errors
+from micronet_cifar100 import errors
 import models
 import torchscope
-from cli.args import add_model_args, positive_int, typed
-from cli.errors import run_main
+from micronet_cifar100.cli.args import add_model_args, positive_int, typed
+from micronet_cifar100.cli.errors import run_main
 from engine.checkpoint import load_weights
 from torchscope import text
 from torchscope.rules import ruleset_name

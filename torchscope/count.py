@@ -13,7 +13,7 @@ import importlib.util
 import sys
 
 # The project's top-level packages and modules (pyproject.toml).
-PROJECT = {"models", "loss", "data", "refinery", "engine", "torchscope", "cli", "bench", "errors", "compress"}
+PROJECT = {"models", "loss", "data", "refinery", "engine", "torchscope", "compress", "deploy", "micronet_cifar100"}
 
 
 def _entry():

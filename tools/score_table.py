@@ -4,14 +4,16 @@ each cell a real checkpoint made by train.py from one dense checkpoint (--init-f
 torchscope/count.py --rules micronet, with the commands the README documents. Each cell is the one
 score the rules allow for it (count.py's "score"), with the rule it follows.
 
-    python bench/score_table.py --data_dir D --dense RUN/model_best.pytar     # compress a trained ex
-    python bench/score_table.py --data_dir D                                  # CPU: a short dense run first
+    python tools/score_table.py --data_dir D --dense RUN/model_best.pytar     # compress a trained ex
+    python tools/score_table.py --data_dir D                                  # CPU: a short dense run first
 
 The counts (and so the scores) depend on the architecture, the bits and the masks, not on how long
 the runs trained; accuracy does. --epochs and --train-limit make short runs that give the table's
 counts on a CPU; a real table of accuracies needs full runs on a GPU (the README says which).
 Writes the table (table.md), the scores (score-table.json) and the commands (commands.log) under
---out; each cell's run folder and full count (CELL/count.json) stay beside them, out of git.
+--out (default bench/results/score-table/, where the README's table came from); each cell's run
+folder and full count (CELL/count.json) stay beside them, out of git. It makes documentation, not a
+measurement, so it lives in tools/ rather than among the benchmarks.
 """
 import argparse
 import json
@@ -21,7 +23,18 @@ import subprocess
 import sys
 import time
 
-from bench import common
+# `python tools/NAME.py` puts tools/ on sys.path, not the root that holds the project's packages.
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if not __package__:
+    sys.path.insert(0, ROOT)
+
+import torch
+
+from micronet_cifar100 import errors
+from bench.common import environment
+from micronet_cifar100.cli import args as cli_args
+from micronet_cifar100.cli.errors import run_main
+from engine.run_folder import write_json, write_text_atomic
 
 SPARSITIES = (0.0, 0.5, 0.75)
 BITS = (32, 16, 8, 4)
@@ -34,9 +47,9 @@ def run(cmd, log):
     with open(log, "a") as f:
         f.write(f"$ {line}\n")
         f.flush()
-        p = subprocess.run(cmd, cwd=common.ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+        p = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
     if p.returncode:
-        raise SystemExit(f"error: {cmd[1]} failed (exit {p.returncode}); see {log}")
+        raise errors.RunError(f"{cmd[1]} failed (exit {p.returncode}); see {log}")
 
 
 def newest_run(save):
@@ -66,11 +79,11 @@ def main(argv=None):
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", required=True)
     p.add_argument("--dense", default=None, help="a trained efficientnet_ex model_best.pytar (default: a "
                                                  "short dense run is made first)")
-    p.add_argument("--epochs", type=int, default=1, help="epochs of each compression run")
-    p.add_argument("--train-limit", type=int, default=512)
-    p.add_argument("--test-limit", type=int, default=500)
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "score-table"))
+    p.add_argument("--epochs", type=cli_args.positive_int, default=1, help="epochs of each compression run")
+    p.add_argument("--train-limit", type=cli_args.positive_int, default=512)
+    p.add_argument("--test-limit", type=cli_args.positive_int, default=500)
+    p.add_argument("--batch-size", type=cli_args.positive_int, default=64)
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "results", "score-table"))
     args = p.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
     log = os.path.join(args.out, "commands.log")
@@ -99,18 +112,16 @@ def main(argv=None):
                     top1 = json.load(f)["best"]["top1"]
             os.makedirs(os.path.join(args.out, name), exist_ok=True)
             counted = score(ckpt, os.path.join(args.out, name, "count.json"), log)
-            cells.append({"sparsity": sparsity, "bits": bits, "checkpoint": os.path.relpath(ckpt, common.ROOT),
+            cells.append({"sparsity": sparsity, "bits": bits, "checkpoint": os.path.relpath(ckpt, ROOT),
                           "short_run_top1": top1,
                           "score": counted["score"], "score_convention": counted["score_convention"],
                           "score_rule": counted["score_rule"]})
     table = markdown(cells)
-    with open(os.path.join(args.out, "table.md"), "w") as f:
-        f.write(table)
-    doc = {"environment": common.environment(common.pick_device("cpu")), "dense": os.path.relpath(dense, common.ROOT),
-           "epochs": args.epochs,
-           "train_limit": args.train_limit, "cells": cells, "seconds": round(time.time() - t0)}
-    with open(os.path.join(args.out, "score-table.json"), "w") as f:
-        json.dump(doc, f, indent=2)
+    write_text_atomic(os.path.join(args.out, "table.md"), table)
+    write_json(os.path.join(args.out, "score-table.json"),
+               {"environment": environment(torch.device("cpu")), "dense": os.path.relpath(dense, ROOT),
+                "epochs": args.epochs, "train_limit": args.train_limit, "cells": cells,
+                "seconds": round(time.time() - t0)})
     print(table)
     return 0
 
@@ -134,4 +145,4 @@ def markdown(cells):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_main(main))

@@ -4,7 +4,7 @@ import argparse
 import sys
 
 import data
-import errors
+from micronet_cifar100 import errors
 import models
 import refinery
 from engine.config import RunConfig

@@ -3,7 +3,7 @@
 errors), 1 for a failure at run time (a missing or damaged file, the data, storage, a diverged run)."""
 import sys
 
-import errors
+from micronet_cifar100 import errors
 
 # Settings whose flag is not `--` + the setting with dashes.
 _FLAGS = {"data_dir": "--data_dir"}
