@@ -14,14 +14,23 @@ import compress
 import data
 from micronet_cifar100 import errors
 import torchscope
-from micronet_cifar100.cli.args import add_data_args, add_model_args, positive_int, typed
+from micronet_cifar100.cli.args import add_data_args, add_model_args, fill_arch, given_flags, positive_int, typed
 from micronet_cifar100.cli.errors import run_main
 from engine import distributed
 from engine.evaluate import evaluate_checkpoint
 
 
+def parse_args(argv=None):
+    """test.py's flags; the architecture comes from the checkpoint unless the flags say it."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    fill_arch(args, given_flags(parser, argv), "model_state_file")
+    return args
+
+
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     ctx = distributed.Context(device=distributed.pick_device(args.device))
     r, model, meta = evaluate_checkpoint(args, args.model_state_file, ctx, tta=args.tta)
     r.update(model=args.model, checkpoint=args.model_state_file, tta=args.tta)
@@ -29,7 +38,9 @@ def main(argv=None):
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
     if meta.get("compression"):
         r["compression"] = compress.summary(meta["compression"])
-        print(f"compressed: {r['compression']} (evaluated with its quantised numerics and masks)")
+        quantised = any(e.get("weight_bits") or e.get("act_bits") for e in meta["compression"]["layers"].values())
+        numerics = "its quantised numerics and masks" if quantised else "its masks"
+        print(f"compressed: {r['compression']} (evaluated with {numerics})")
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
           f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
     tta_note = ""
@@ -38,7 +49,8 @@ def main(argv=None):
         # never the single-pass one count.py prints without --tta.
         r["tta_score"] = torchscope.count(model, rules="micronet", compression=meta.get("compression"),
                                           tta=True).score()["score"]
-        tta_note = f" with flip TTA, whose score is {r['tta_score']:.6f} (count.py --rules micronet --tta), not the single-pass score"
+        tta_note = (f" with flip TTA, whose score is {r['tta_score']:.6f} (count.py --rules micronet --tta), "
+                    "not the single-pass score")
         print(f"flip TTA: two forward passes per image and their average; MicroNet score with TTA "
               f"{r['tta_score']:.6f} (count.py --rules micronet --tta)")
     if r["total"] == data.TEST_IMAGES:

@@ -182,7 +182,10 @@ def summary(record):
     if masked:
         pruned = sum(int((~m).sum()) for m in masked)
         total = sum(m.numel() for m in masked)
-        prune = f"{len(masked)} masked layers, {100 * pruned / total:.1f}% of their weights pruned"
+        # The pruner's layers that kept every weight carry no mask: say so, or the count reads short.
+        prunable = (record.get("prune") or {}).get("layers")
+        of = f" (of {prunable} pruned)" if prunable and prunable != len(masked) else ""
+        prune = f"{len(masked)} masked layers{of}, {100 * pruned / total:.1f}% of their weights pruned"
     else:
         prune = "not pruned"
     return f"{quant}; {prune}"

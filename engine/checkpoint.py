@@ -233,7 +233,54 @@ def fit_state_dict(model, state, path, meta=None):
                   f"{len(missing)} keys missing, {len(unexpected)} unexpected, e.g. "
                   f"{(missing or unexpected)[0]}")
         raise errors.ArchitectureMismatch(f"{path} is {what}, not of {models.label(want)} ({detail})")
+    check_finite(state, path)
     model.load_state_dict(state)
+
+
+def check_finite(state, path):
+    """Refuse weights or buffers holding NaN or inf: a model loaded from them computes nothing but
+    NaN, and a bare state_dict has no checksum that would say it is damaged."""
+    for key, t in state.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            bad = int((~torch.isfinite(t)).sum())
+            raise errors.CheckpointError(f"{path} holds {bad} non-finite value{'s' if bad > 1 else ''} (NaN or "
+                                         f"inf) in {key}; these weights are damaged: use another checkpoint")
+
+
+# The settings that say which model a checkpoint holds, as models.describe() names them.
+ARCH_KEYS = ("model", "width_mult", "depth_mult", "coslinear")
+
+
+def arch_of(path):
+    """The architecture in a checkpoint file (a models.describe() dict): the one our wrapped files
+    record, else the registered model at its own scaling whose keys and shapes a bare state_dict has
+    (models.identify); None when the file does not tell (e.g. a narrow model's bare state_dict)."""
+    state, meta = state_dict_of(load_file(path), path)
+    return meta.get("arch") or models.identify(state)
+
+
+def resolve_arch(path, given, settings=ARCH_KEYS):
+    """The architecture to build for the checkpoint `path`: `given` ({ARCH_KEYS key: value or None,
+    None where the user gave nothing}) completed from the file's own (arch_of). A given value that
+    contradicts the file raises ConfigError with the setting's name (`settings`, aligned with
+    ARCH_KEYS: a teacher's are label_refinery_*). Returns {ARCH_KEYS key: value}; values the file
+    cannot tell stay None (the caller's defaults apply)."""
+    arch = arch_of(path)
+    if arch is None:
+        return {k: given.get(k) for k in ARCH_KEYS}
+    for key, setting in zip(ARCH_KEYS, settings):
+        value = given.get(key)
+        if value is not None and value != arch[key]:
+            raise errors.ConfigError(f"{_word(key, value)} contradicts {path}, a checkpoint of {models.label(arch)}; "
+                                     "leave it out (the file says which model it holds) or give the file's value",
+                                     setting=setting)
+    return {k: arch[k] for k in ARCH_KEYS}
+
+
+def _word(key, value):
+    if key == "coslinear":
+        return "a cosine head" if value else "a linear head"
+    return f"{key.replace('_mult', '')} {value:g}" if isinstance(value, float) else f"{key} {value}"
 
 
 def load_weights(model, path):

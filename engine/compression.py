@@ -22,7 +22,13 @@ def quantise(net, quant, first_last=None):
 
 
 def check(cfg):
-    """Settings that QAT refuses (checked once a resumed run's settings are inherited)."""
+    """Settings that go together, checked once a resumed run's settings are inherited (a resume that
+    repeats its run's own settings is fine), and what QAT refuses."""
+    if cfg.quant_first_last and not cfg.quant:
+        raise errors.ConfigError("widths for the first layer and the head need the other layers' widths "
+                                 "(quantisation of the whole model)", setting="quant_first_last")
+    if not cfg.prune and (cfg.prune_schedule or cfg.prune_scope):
+        raise errors.ConfigError("a pruning span or scope needs a target sparsity", setting="prune_schedule")
     if cfg.quant and cfg.activation_checkpointing:
         raise errors.ConfigError("recomputing each block in the backward pass cannot be combined with "
                                  "quantisation-aware training: it would observe the block's input ranges twice",
@@ -112,5 +118,5 @@ def log_line(net, pruner):
     if pruner is not None:
         s = pruner.schedule
         parts.append(f"pruning to {100 * s.target:g}% ({pruner.scope} scope) over epochs {s.start_epoch}..{s.end_epoch}, "
-                     f"{len(pruner.params)} layers")
+                     f"{len(pruner.params)} layers pruned")
     return "compression: " + "; ".join(parts) if parts else None

@@ -1,4 +1,5 @@
 """Where a run stands: its position, best epoch and history, as one object that last.pytar stores."""
+import math
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -19,8 +20,10 @@ class RunState:
 
     def add_epoch(self, row, test, eligible=True):
         """Add an epoch's row; returns whether its test top-1 is the best so far among the eligible
-        epochs (a pruned run's: those at the target sparsity)."""
+        epochs (a pruned run's: those at the target sparsity). An epoch whose test loss is not
+        finite is never the best: its weights compute NaN somewhere."""
         self.history.append(row)
+        eligible = eligible and math.isfinite(test["loss"])
         is_best = eligible and (self.best is None or test["top1"] > self.best["top1"])
         if is_best:
             self.best = {"epoch": row["epoch"], "top1": test["top1"], "top5": test["top5"],

@@ -47,7 +47,11 @@ def load_teacher(name, path, head="cosine", width_mult=None, depth_mult=None, bn
         raise errors.CheckpointError(f"teacher checkpoint {path} does not exist; give the teacher's "
                                      "model_best.pytar")
     teacher = models.create(name, head=head, width_mult=width_mult, depth_mult=depth_mult)
-    meta = load_weights(teacher, path)
+    try:
+        meta = load_weights(teacher, path)
+    except errors.CheckpointError as e:
+        e.setting = e.setting or "label_refinery_state_file"   # the teacher's file, not the student's
+        raise
     teacher = freeze(teacher, bn_mode).to(device=device, memory_format=memory_format)
     return teacher, meta
 

@@ -152,8 +152,8 @@ def layer_table(report):
         if micronet:
             bits = "-" if r.weight_bits is None and r.act_bits is None else f"{_bits(r.weight_bits)}/{_bits(r.act_bits)}"
             rows.append((r.name, r.type, shape, bits, f"{100 * r.sparsity:.1f}%" if r.sparsity else "-",
-                         *((num(32 * r.params16),) if freebie else ()), num(32 * r.params32), num(r.qparams), num(r.mults),
-                         num(r.scale_mults), num(r.adds)))
+                         *((num(32 * r.params16),) if freebie else ()), num(32 * r.params32), num(r.qparams),
+                         num(r.mults), num(r.scale_mults), num(r.adds)))
         else:
             rows.append((r.name, r.type, shape, num(r.params), num(r.flops), num(r.madds(report.mul_factor))))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -163,7 +163,8 @@ def layer_table(report):
     out = [rule, fmt(head), rule, *(fmt(r) for r in rows), rule]
     if micronet:
         out.append("Bits W/A: weight/input widths ('-': float32); Param bits: the layer's parameters "
-                   "(BatchNorm folded), unquantised values at " + ("16 / 32 bits" if freebie else "32 bits") + "; sparse weights as non-zeros x bits "
+                   "(BatchNorm folded), unquantised values at " + ("16 / 32 bits" if freebie else "32 bits")
+                   + "; sparse weights as non-zeros x bits "
                    "+ a 1-bit mask; Q params: 32-bit weight scales (one per output channel) and input scale + "
                    "zero point of an integer layer, included in Param bits; Scale mults: its 32-bit multiplies "
                    "quantising the input and rescaling the output")

@@ -6,6 +6,7 @@ import os
 
 import models
 from compress import BITS, BITS_TEXT
+from micronet_cifar100 import errors
 
 SEED_MAX = 2 ** 63 - 1  # torch.manual_seed takes a 64-bit seed; numpy's is reduced modulo 2**32
 # Width and depth multipliers above 4 build models of hundreds of millions of parameters (memory
@@ -77,11 +78,14 @@ def add_compression_args(p):
 
 
 def check_compression_args(parser, args):
-    """Flags that only make sense together; fills --prune-scope's default when pruning."""
-    if args.quant_first_last and not args.quant:
-        parser.error("--quant-first-last needs --quant W A (the widths of the other layers)")
-    if not args.prune and (args.prune_schedule or args.prune_scope):
-        parser.error("--prune-schedule and --prune-scope need --prune SPARSITY")
+    """Flags that only make sense together; fills --prune-scope's default when pruning. A resumed run
+    takes its --prune and --quant from the run it continues, so what they pair with is checked once
+    they are inherited (engine.compression.check)."""
+    if not getattr(args, "resume", None):
+        if args.quant_first_last and not args.quant:
+            parser.error("--quant-first-last needs --quant W A (the widths of the other layers)")
+        if not args.prune and (args.prune_schedule or args.prune_scope):
+            parser.error("--prune-schedule and --prune-scope need --prune SPARSITY")
     if args.prune and args.prune_schedule and args.prune_schedule[1] < args.prune_schedule[0]:
         parser.error(f"argument --prune-schedule: the span ends (epoch {args.prune_schedule[1]}) before it "
                      f"starts (epoch {args.prune_schedule[0]})")
@@ -112,11 +116,32 @@ def add_model_args(p):
 
 def add_data_args(p):
     p.add_argument("--data_dir", "--data-dir", dest="data_dir", default=default_data_dir(),
-                   help="folder holding cifar-100-python/ (default: $CIFAR100_DIR or ~/.cache/cifar100)")
+                   help="folder holding cifar-100-python/ (default: $CIFAR100_DIR, else ~/.cache/cifar100; "
+                        "here %(default)s)")
     p.add_argument("--no-download", action="store_true",
                    help="never download CIFAR-100; fail if it is not under --data_dir")
     p.add_argument("--test-limit", type=positive_int, default=None,
                    help="evaluate on the first N test images only")
+
+
+def fill_arch(args, given, path_setting, attrs=None):
+    """Complete the parsed architecture flags `attrs` (model, width, depth, head; a teacher's are
+    label_refinery_*) from the checkpoint named by the flag `path_setting`, where the user gave none
+    (`given`: given_flags). A given flag that contradicts the file is a ConfigError naming that flag;
+    a file that does not say (a narrow bare state_dict) leaves the flags as they are; a file that
+    cannot be read is a CheckpointError naming `path_setting`. Returns whether the file said."""
+    from engine import checkpoint
+    attrs = attrs or checkpoint.ARCH_KEYS
+    values = {k: (getattr(args, a) if a in given else None) for k, a in zip(checkpoint.ARCH_KEYS, attrs)}
+    try:
+        arch = checkpoint.resolve_arch(getattr(args, path_setting), values, settings=attrs)
+    except errors.CheckpointError as e:
+        e.setting = e.setting or path_setting
+        raise
+    for k, a in zip(checkpoint.ARCH_KEYS, attrs):
+        if arch[k] is not None:
+            setattr(args, a, arch[k])
+    return arch["model"] is not None
 
 
 def given_flags(parser, argv):

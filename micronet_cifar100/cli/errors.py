@@ -17,6 +17,9 @@ _HINTS = (
     (errors.ArchitectureMismatch, "pass the matching --model/--width-mult/--depth-mult/--coslinear"),
 )
 
+TEACHER_HINT = ("pass the teacher's matching --label-refinery-model/--label-refinery-width-mult/"
+                "--label-refinery-depth-mult/--label-refinery-coslinear")
+
 # A StorageError's advice follows its cause: a full disk is freed, a folder one cannot write is changed.
 _STORAGE_HINTS = {
     "full": "free disk space or inodes, or choose another --save folder, then run the same command with "
@@ -37,6 +40,8 @@ def message(e):
     if getattr(e, "setting", None):
         text = f"{flag(e.setting)}: {text}"
     hint = _STORAGE_HINTS.get(e.cause) if isinstance(e, errors.StorageError) else None
+    if isinstance(e, errors.ArchitectureMismatch) and (e.setting or "").startswith("label_refinery"):
+        hint = TEACHER_HINT   # the teacher's file: its own flags, not the student's
     hint = hint or next((h for cls, h in _HINTS if isinstance(e, cls)), None)
     if hint:
         text = f"{text}; {hint}"

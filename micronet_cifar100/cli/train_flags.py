@@ -10,9 +10,13 @@ import refinery
 from engine.config import RunConfig
 from engine.optim import format_regime, parse_regime
 
-from .args import (add_compression_args, add_data_args, add_model_args, check_compression_args, given_flags,
-                   model_name, multiplier, nonneg_float, positive_int, probability, seed_int, str2bool, typed)
+from .args import (add_compression_args, add_data_args, add_model_args, check_compression_args, fill_arch,
+                   given_flags, model_name, multiplier, nonneg_float, positive_int, probability, seed_int, str2bool,
+                   typed)
 
+# The teacher's architecture flags, in the order of engine.checkpoint.ARCH_KEYS.
+TEACHER_ARCH = ("label_refinery_model", "label_refinery_width_mult", "label_refinery_depth_mult",
+                "label_refinery_coslinear")
 TRAIN_DESCRIPTION = "Train one stage on CIFAR-100: hard labels, or refined by a frozen teacher (label refinery)."
 
 
@@ -133,11 +137,17 @@ def parse_config(argv=None):
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     args = finish_args(parser, parser.parse_args(argv), argv)
+    # A checkpoint knows its model: the student of --init-from and the teacher are the models their
+    # files hold, unless the flags say otherwise (and a flag that contradicts its file is refused).
+    if args.init_from:
+        fill_arch(args, args.given, "init_from")
+    if args.label_refinery_state_file:
+        fill_arch(args, args.given, "label_refinery_state_file", TEACHER_ARCH)
     if not args.lr_regime and not args.init_from:  # fine-tuning runs derive theirs (run_regime)
         args.lr_regime = format_regime(models.card(args.model).lr_regime)
     if args.label_refinery_state_file and not args.label_refinery_model:
-        parser.error("--label-refinery-state-file needs --label-refinery-model NAME (the teacher's "
-                     "architecture)")
+        parser.error("--label-refinery-state-file needs --label-refinery-model NAME: the file does not say "
+                     "which model it holds (a bare state_dict of a narrow model)")
     if args.label_refinery_model and not args.label_refinery_state_file:
         parser.error("--label-refinery-model needs --label-refinery-state-file PATH (the teacher's "
                      "model_best.pytar)")
