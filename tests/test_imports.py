@@ -26,6 +26,8 @@ ALLOWED = {
     "torchscope.command": {"errors", "models", "loss", "data", "refinery", "compress", "engine",
                            "engine.checkpoint", "cli", "torchscope"},
     "cli": {"errors", "models", "data", "compress", "refinery", "engine", "engine.checkpoint"},
+    # The deployment (export.py's library): the counter's layer kinds, the file format's atomic write.
+    "deploy": {"errors", "models", "data", "compress", "engine.checkpoint", "torchscope"},
 }
 PARTS = ("errors", "models", "loss", "data", "refinery", "compress", "engine", "torchscope", "cli", "bench",
          "train", "test", "chain", "deploy", "export", "tools")

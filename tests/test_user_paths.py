@@ -172,8 +172,9 @@ def test_a_chain_mismatch_names_the_flags_the_user_gave_in_their_own_terms():
 
 @pytest.mark.slow
 def test_the_run_eta_is_within_a_quarter_of_the_time_it_took(tmp_path, synthetic_dir):
-    """A short CPU run: what the ETA announced at the end of the first epoch's steps (its evaluation,
-    precise BatchNorm and the two later epochs still to come) against the time they took."""
+    """A short CPU run: the ETA announced after the first epoch (shorter than the ETA's wait, so it
+    comes once that epoch's evaluation and precise BatchNorm have run and their time is known) against
+    the time the two later epochs took."""
     import time
     from conftest import run_train
     said = []
@@ -183,12 +184,6 @@ def test_the_run_eta_is_within_a_quarter_of_the_time_it_took(tmp_path, synthetic
                   on_speed=lambda ips, left: said.append((time.perf_counter(), ips, left)))
     end = time.perf_counter()
     assert len(r["history"]) == 3 and len(said) == 2   # the probe's estimate, then the measured one
-    at, announced_ips, left = said[-1]
+    at, _, left = said[-1]
     took = end - at
-    # A shared machine may slow down or speed up after the announcement; the ETA can only know the
-    # speed it measured. Its estimate is scaled by the training speed the later epochs really had,
-    # so that what is tested is its account of the work left (steps, evaluations, precise BN).
-    later = r["history"][1:]
-    actual_ips = sum(row["images_per_s"] * row["seconds"] for row in later) / sum(row["seconds"] for row in later)
-    expected = left * announced_ips / actual_ips
-    assert abs(expected - took) <= 0.25 * took, (left, expected, took, said, later)
+    assert abs(left - took) <= 0.25 * took, (left, took, said, r["history"])

@@ -136,13 +136,17 @@ def micronet_block(report):
     return lines
 
 
-def layer_table(report):
+def layer_table(report, live=None):
+    """One row per module call; under the micronet rules with `live` ({row name: live activation
+    bits or None}, torchscope.mtas) a column of the activation bits alive while the layer runs."""
     micronet = report.rules == "micronet"
+    live = live if micronet else None
     # A model quantised below 16 bits has no freebie: its table shows no 16-bit column either.
     freebie = report.score()["freebie_allowed"]
     if micronet:
         head = ("Layer", "Type", "Output shape", "Bits W/A", "Sparsity", *(("Param bits fp16",) if freebie else ()),
-                "Param bits fp32", "Q params", "Mults", "Scale mults", "Adds")
+                "Param bits fp32", "Q params", "Mults", "Scale mults", "Adds",
+                *(("Live act bits",) if live is not None else ()))
     else:
         head = ("Layer", "Type", "Output shape", "Params", "FLOPs", "Madds")
     text_cols = 5 if micronet else 3
@@ -153,7 +157,8 @@ def layer_table(report):
             bits = "-" if r.weight_bits is None and r.act_bits is None else f"{_bits(r.weight_bits)}/{_bits(r.act_bits)}"
             rows.append((r.name, r.type, shape, bits, f"{100 * r.sparsity:.1f}%" if r.sparsity else "-",
                          *((num(32 * r.params16),) if freebie else ()), num(32 * r.params32), num(r.qparams),
-                         num(r.mults), num(r.scale_mults), num(r.adds)))
+                         num(r.mults), num(r.scale_mults), num(r.adds),
+                         *((_live(live.get(r.name)),) if live is not None else ())))
         else:
             rows.append((r.name, r.type, shape, num(r.params), num(r.flops), num(r.madds(report.mul_factor))))
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows)]
@@ -167,5 +172,17 @@ def layer_table(report):
                    + "; sparse weights as non-zeros x bits "
                    "+ a 1-bit mask; Q params: 32-bit weight scales (one per output channel) and input scale + "
                    "zero point of an integer layer, included in Param bits; Scale mults: its 32-bit multiplies "
-                   "quantising the input and rescaling the output")
+                   "quantising the input and rescaling the output"
+                   + ("; Live act bits: the activations alive while the layer runs (MTAS, docs/counting.md)"
+                      if live is not None else ""))
     return out
+
+
+def _live(bits):
+    return "-" if bits is None else num(bits)
+
+
+def mtas_line(m):
+    """The maximum transient activation size of a torchscope.mtas report, in one line."""
+    return (f"Maximum transient activation size (MTAS): {num(m.total_bits)} bits "
+            f"({m.total_bits / 8 / 1024:,.1f} KiB) per sample, at {m.peak}")
