@@ -53,6 +53,7 @@ def test_train_py_exits_1_when_the_run_diverges(tmp_path, synthetic_dir):
     assert code == 1 and "non-finite loss in epoch 1" in line
 
 
+@pytest.mark.slow
 def test_test_py(synthetic_dir, damaged):
     code, line = run("test.py", "--model-state-file", damaged, "--batch-size", "-3")
     assert code == 2 and "--batch-size" in line
@@ -60,6 +61,7 @@ def test_test_py(synthetic_dir, damaged):
     assert code == 1 and "is damaged" in line
 
 
+@pytest.mark.slow
 def test_chain_py(tmp_path):
     code, line = run("chain.py", "--stages", "efficientnet_zz")
     assert code == 2 and "--stages" in line
@@ -68,6 +70,7 @@ def test_chain_py(tmp_path):
     assert code == 1 and "--data_dir" in line
 
 
+@pytest.mark.slow
 def test_count_py(damaged):
     code, line = run(os.path.join("torchscope", "count.py"), "--mul-factor", "2")
     assert code == 2 and "--mul-factor" in line

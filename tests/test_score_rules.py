@@ -160,7 +160,9 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# The fast tier runs the hardest case; the slow tier all three.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=() if c.startswith("W4") else pytest.mark.slow)
+                                  for c in CASES])
 def test_count_py_score_equals_an_independent_recount(tmp_path, case):
     path, out = tmp_path / "model_best.pytar", tmp_path / "count.json"
     _checkpoint(path, **CASES[case])
@@ -178,7 +180,7 @@ def test_count_py_score_equals_an_independent_recount(tmp_path, case):
     assert found == [f"{expected:.6f}"]
 
 
-@pytest.mark.parametrize("rules", ["micronet", "uci"])
+@pytest.mark.parametrize("rules", ["micronet", pytest.param("uci", marks=pytest.mark.slow)])
 def test_no_quantised_model_is_shown_a_freebie_score(tmp_path, rules):
     path = tmp_path / "model_best.pytar"
     _checkpoint(path, quant=(8, 8))
