@@ -226,24 +226,28 @@ def test_a_pruning_span_past_the_last_epoch_is_refused_before_any_run(tmp_path, 
 
 def test_best_is_chosen_only_among_eligible_epochs():
     state = RunState()
-    assert not state.add_epoch({"epoch": 1}, {"top1": 90.0, "top5": 99, "correct": 9, "total": 10}, eligible=False)
+    assert not state.add_epoch({"epoch": 1}, {"loss": 1.0, "top1": 90.0, "top5": 99, "correct": 9, "total": 10},
+                               eligible=False)
     assert state.best is None
-    assert state.add_epoch({"epoch": 2}, {"top1": 50.0, "top5": 90, "correct": 5, "total": 10}, eligible=True)
+    assert state.add_epoch({"epoch": 2}, {"loss": 2.0, "top1": 50.0, "top5": 90, "correct": 5, "total": 10},
+                           eligible=True)
     assert state.best["epoch"] == 2
-    assert not state.add_epoch({"epoch": 3}, {"top1": 40.0, "top5": 90, "correct": 4, "total": 10})
+    assert not state.add_epoch({"epoch": 3}, {"loss": 2.5, "top1": 40.0, "top5": 90, "correct": 4, "total": 10})
 
 
-def test_fine_tune_defaults():
+def test_fine_tune_defaults(tmp_path):
     from engine import optim
     from engine.trainer import run_regime
     assert optim.fine_tune_regime(30) == ((1, 20, 0.007), (21, 25, 0.0007), (26, 30, 0.00007))
     assert optim.default_prune_span(30) == [1, 20]
     assert optim.fine_tune_regime(1) == ((1, 1, 0.007),)
     # Derived when the run starts (after a resume inherited --epochs), so they stay out of its identity.
-    args = parse_config(["--init-from", "x.pytar", "--prune", "0.5"])
+    x = str(tmp_path / "x.pytar")   # --init-from reads the architecture from its file
+    torch.save(checkpoint.weights_file(models.create("efficientnet_ex", width_mult=0.1, depth_mult=0.1)), x)
+    args = parse_config(["--init-from", x, "--prune", "0.5"])
     assert args.lr_regime is None and args.prune_schedule is None and args.prune_scope == "global"
     assert run_regime(args) == optim.fine_tune_regime(30)
-    args = parse_config(["--init-from", "x.pytar", "--epochs", "6"])
+    args = parse_config(["--init-from", x, "--epochs", "6"])
     assert run_regime(args) == ((1, 4, 0.007), (5, 5, 0.0007), (6, 6, 0.00007))
     assert run_regime(parse_config(["--model", "efficientnet_b0"])) == models.UCI_REGIME
 
@@ -386,4 +390,6 @@ def test_init_from_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, synthet
     with pytest.raises(SystemExit):
         run_main(train_main, [*argv, "--width-mult", "0.2"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "is a checkpoint of efficientnet_ex" in err[0] and "--width-mult" in err[0], err
+    # The file says which model it holds: the contradicting flag is named, with the file's model.
+    assert len(err) == 1 and err[0].startswith("error: --width-mult: width 0.2 contradicts "), err
+    assert "a checkpoint of efficientnet_ex (width 0.1, depth 0.1, cosine head)" in err[0], err

@@ -247,7 +247,8 @@ def test_bad_teacher_inputs(tmp_path, synthetic_dir, teacher_file):
     with pytest.raises(SystemExit):  # argparse's one-line error, exit 2
         run_train([*base, "--label-refinery-model", "efficientnet_ex"])
     # The file is a tiny ex; naming b3 as the teacher is caught before training, naming both.
-    with pytest.raises(UserError, match=r"efficientnet_ex \(width 0.25.*not of efficientnet_b3"):
+    with pytest.raises(UserError, match=r"model efficientnet_b3 contradicts .*a checkpoint of efficientnet_ex "
+                                        r"\(width 0.25"):
         run_train([*base, "--label-refinery-model", "efficientnet_b3",
                    "--label-refinery-state-file", teacher_file])
     junk = tmp_path / "junk.pytar"

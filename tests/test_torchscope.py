@@ -753,7 +753,7 @@ def test_cli_bad_flags_exit_2(argv, needle, capsys):
 
 @pytest.mark.parametrize("argv,needle", [
     (["--model-state-file", "/nonexistent/model.pytar"], "does not exist"),
-    (["--json", "/proc/no/such/dir/x.json", "--model", "efficientnet_exx"], "cannot write"),
+    (["--json", "/proc/no/such/dir/x.json", "--model", "efficientnet_exx"], "could not write"),
 ])
 def test_cli_runtime_failures_exit_1(argv, needle, capsys):
     """A missing checkpoint or an unwritable --json is a failure at run time (exit 1), not a usage error."""

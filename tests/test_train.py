@@ -282,7 +282,8 @@ def test_cli_flag_errors(capsys, tmp_path):
     expect_exit(capsys, train_cli("--model", "resnet"), "known models: efficientnet_b0")
     expect_exit(capsys, train_cli("--aug", "fancy"), "choose one of uci, standard, none")
     expect_exit(capsys, train_cli("--coslinear", "maybe"), "expected true or false")
-    expect_exit(capsys, train_cli("--label-refinery-state-file", "x.pytar"), "--label-refinery-model")
+    # A teacher's file is read for its architecture: a missing one is a failure at run time.
+    expect_exit(capsys, train_cli("--label-refinery-state-file", "x.pytar"), "does not exist", code=1)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
@@ -322,14 +323,15 @@ def test_checkpoint_errors_in_test_py(capsys, tmp_path, synthetic_dir):
     # A checkpoint of another model: the error names both architectures.
     b0 = tmp_path / "b0.pytar"
     torch.save(models.create("efficientnet_b0").state_dict(), b0)
-    line = expect_exit(capsys, run(b0), "efficientnet_b0 (width 1, depth 1, cosine head)", code=1)
-    assert "efficientnet_ex (width 0.25" in line
+    # The flags (--model efficientnet_ex, width 0.25) contradict what the file holds: refused, naming both.
+    line = expect_exit(capsys, run(b0), "efficientnet_b0 (width 1, depth 1, cosine head)", code=2)
+    assert line.startswith("error: --model: model efficientnet_ex contradicts")
     # Another width of the same model, in our wrapped format.
     wide = models.create("efficientnet_ex", width_mult=0.5, depth_mult=0.2)
     wide_path = tmp_path / "wide.pytar"
     torch.save(checkpoint.weights_file(wide), wide_path)
-    line = expect_exit(capsys, run(wide_path), "width 0.5", code=1)
-    assert "width 0.25" in line
+    line = expect_exit(capsys, run(wide_path), "a checkpoint of efficientnet_ex (width 0.5", code=2)
+    assert line.startswith("error: --width-mult: width 0.25 contradicts")
 
 
 class Payload:
@@ -493,9 +495,14 @@ def test_plain_head_end_to_end(tmp_path, synthetic_dir, capsys):
     assert test_script.main([*TINY, "--coslinear", "false", "--data_dir", synthetic_dir, "--test-limit", "300",
                              "--model-state-file", best_path, "--json", str(out)]) == 0
     assert json.load(open(out))["correct"] == correct
+    # The file knows its head: without the flag test.py evaluates it as it is; a contradicting flag is refused.
+    assert test_script.main([*TINY, "--data_dir", synthetic_dir, "--test-limit", "300", "--model-state-file",
+                             best_path, "--json", str(out)]) == 0
+    assert json.load(open(out))["correct"] == correct
     line = expect_exit(capsys, lambda: test_script.run_main(test_script.main, [
-        *TINY, "--data_dir", synthetic_dir, "--model-state-file", best_path]), "linear head")
-    assert "cosine head" in line
+        *TINY, "--coslinear", "true", "--data_dir", synthetic_dir, "--model-state-file", best_path]),
+        "--coslinear: a cosine head contradicts")
+    assert "linear head" in line
     # Counting: every parameter of the file; the plain head has 320 x 100 + 100 where the cosine head
     # has 320 x 200 + 200 + 200 x 100, i.e. 52,100 fewer; mult-adds do not depend on the weights.
     params = sum(v.numel() for k, v in best["model"].items()
