@@ -49,14 +49,25 @@ def chain(cfg, ctx):
     say = print if ctx.is_main else (lambda *a, **k: None)
     if ctx.is_main:
         run_folder.check_save_root(cfg.save)
+        run_folder.remove_leftovers(cfg.save)
     state_path = os.path.join(cfg.save, STATE_FILE)
     before = load_stages(state_path, cfg.stage_spec)
     eta = ChainEta(cfg, say)
     t_start = time.perf_counter()
     teacher, done = None, []
+
+    def record(stages):
+        if ctx.is_main:
+            with run_folder.root_writes(cfg.save):
+                run_folder.write_json(state_path, {"stages_spec": cfg.stage_spec, "stages": stages})
+
     for i, name in enumerate(cfg.stage_list):
-        stage = stage_config(cfg, i, teacher)
         known = before[i] if i < len(before) else None
+        folder = known.get("folder") if known and not known.get("finished") else None
+        if folder and not os.path.isdir(folder):
+            say(f"[chain] stage {i + 1}: its run folder {folder} is gone; the stage starts again")
+            folder = None
+        stage = stage_config(cfg, i, teacher, folder)
         check_stage(known, stage, i, state_path)
         if stage.init_from:
             name += " (compressed)"
@@ -64,15 +75,18 @@ def chain(cfg, ctx):
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}: finished before "
                 f"(best top-1 {known['best_top1']:.2f}%), skipped")
         else:
-            # --resume auto continues this stage's run, or adopts it when it finished before a kill
-            # let the chain note it; otherwise a new run starts.
+            # The stage's folder is recorded as soon as its run opens it, before any training: a rerun
+            # continues there, or starts over there when no epoch was committed. A folder opened
+            # but not recorded (a kill in between) is the newest of these arguments, which
+            # --resume auto continues, or adopts when it finished.
             say(f"[chain] stage {i + 1}/{len(cfg.stage_list)} {name}"
                 + (f" refined by {teacher[0]} ({teacher[1]})" if teacher else " on hard labels"))
-            hooks = Hooks(on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left))
+            hooks = Hooks(on_speed=lambda ips, left, i=i: eta.on_speed(i, ips, left),
+                          on_folder=lambda opened, stage=stage, teacher=teacher:
+                          record(done + [stage_result(stage, teacher, opened)]))
             result = Trainer(stage, ctx, hooks).fit()
-            known = stage_result(stage, teacher, result)
-            if ctx.is_main:
-                run_folder.write_json(state_path, {"stages_spec": cfg.stage_spec, "stages": done + [known]})
+            known = stage_result(stage, teacher, result["folder"], result)
+            record(done + [known])
             if result["stopped"]:
                 say("[chain] stopped; run the same command again to continue")
                 return result["exit_code"]
@@ -81,21 +95,23 @@ def chain(cfg, ctx):
     # Every rank evaluates its shard of the test set (the metrics are all-reduced); rank 0 reports.
     final = final_evaluation(stage, ctx, done[-1])
     if ctx.is_main:
-        report(cfg, done, final)
+        with run_folder.root_writes(cfg.save):
+            report(cfg, done, final)
     say(f"[chain] done in {(time.perf_counter() - t_start) / 60:.1f} min")
     return 0
 
 
-def stage_config(cfg, i, teacher):
+def stage_config(cfg, i, teacher, folder=None):
     """Stage i's RunConfig: the chain's settings, its model, the previous stage as its teacher, and
-    --resume auto. Every setting counts as given, so a resume must match all of them."""
+    --resume with the stage's recorded run folder (`folder`), or auto when it has none yet. Every
+    setting counts as given, so a resume must match all of them."""
     model = cfg.stage_list[i]
     stage = dict(vars(cfg), model=model, lr_regime=cfg.lr_regime or optim.format_regime(models.card(model).lr_regime),
                  label_refinery_model=teacher[0] if teacher else None,
                  label_refinery_state_file=teacher[1] if teacher else None,
                  label_refinery_width_mult=cfg.width_mult if teacher else None,
                  label_refinery_depth_mult=cfg.depth_mult if teacher else None,
-                 label_refinery_coslinear=cfg.coslinear, init_from=None, resume="auto")
+                 label_refinery_coslinear=cfg.coslinear, init_from=None, resume=folder or "auto")
     if cfg.compress_final and i == len(cfg.stage_list) - 1:
         # The final stage compresses the stage before it: its weights to start from, and its teacher.
         stage.update(init_from=teacher[1], epochs=cfg.compress_epochs, lr_regime=cfg.compress_lr_regime
@@ -106,15 +122,16 @@ def stage_config(cfg, i, teacher):
     return dataclasses.replace(settings, given=tuple(settings.settings()))
 
 
-def stage_result(stage, teacher, result):
-    """What chain_state.json keeps of a stage's run."""
+def stage_result(stage, teacher, folder, result=None):
+    """What chain_state.json keeps of a stage: its run folder from the moment the run opens it
+    (`result` None: not finished), then what the run gave."""
+    history, best = (result["history"], result["best"]) if result else ([], None)
     return {"model": stage.model, "compressed": bool(stage.init_from), "teacher": teacher[0] if teacher else None,
-            "teacher_checkpoint": teacher[1] if teacher else None, "folder": result["folder"],
-            "checkpoint": os.path.join(result["folder"], "model_best.pytar") if result["folder"] else None,
-            "identity": stage.identity(), "finished": not result["stopped"],
-            "epochs": len(result["history"]),
-            "best_top1": result["best"]["top1"] if result["best"] else None,
-            "seconds": sum(r["seconds"] for r in result["history"])}
+            "teacher_checkpoint": teacher[1] if teacher else None, "folder": folder,
+            "checkpoint": os.path.join(folder, "model_best.pytar") if folder else None,
+            "identity": stage.identity(), "finished": bool(result) and not result["stopped"],
+            "epochs": len(history), "best_top1": best["top1"] if best else None,
+            "seconds": sum(r["seconds"] for r in history)}
 
 
 def load_stages(path, stage_spec):
@@ -129,15 +146,48 @@ def load_stages(path, stage_spec):
 
 
 def check_stage(known, stage, i, path):
-    """A stage run before must have been run with this stage's settings."""
+    """A stage run before must have been run with this stage's settings; the refusal names the chain
+    flags the user controls, with their values as typed."""
     if not known:
         return
-    diff = [k for k, v in stage.identity().items() if known.get("identity", {}).get(k) != v]
+    before = known.get("identity", {})
+    diff = [k for k, v in stage.identity().items() if before.get(k) != v]
     if diff:
-        what = ", ".join(f"--{k.replace('_', '-')} {getattr(stage, k)!r} (before: "
-                         f"{known.get('identity', {}).get(k)!r})" for k in diff[:4])
-        raise errors.RunError(f"stage {i + 1} ({stage.model}) in {path} ran with other settings: {what}; "
-                              "use the same flags as before or another --save folder")
+        changes = []
+        for k in diff:
+            change = f"{chain_flag(k, stage)} {as_typed(getattr(stage, k))} (before: {as_typed(before.get(k))})"
+            if change not in changes:
+                changes.append(change)
+        raise errors.RunError(f"stage {i + 1} ({stage.model}) in {path} ran with other settings: "
+                              f"{', '.join(changes[:4])}; use the same flags as before or another --save folder")
+
+
+# Stage settings chain.py derives, and the chain flag behind each (compression: the final stage's).
+DERIVED = {"label_refinery_model": "--stages", "label_refinery_state_file": "the stage before it (its teacher)",
+           "label_refinery_width_mult": "--width-mult", "label_refinery_depth_mult": "--depth-mult",
+           "label_refinery_coslinear": "--coslinear", "init_from": "the stage before it (its weights)"}
+COMPRESSION_DERIVED = {"lr_regime": "--compress-epochs/--compress-lr-regime (its LR regime)",
+                       "epochs": "--compress-epochs"}
+
+
+def chain_flag(setting, stage):
+    """The chain flag (or the fact) behind a stage setting."""
+    if stage.init_from and setting in COMPRESSION_DERIVED:
+        return COMPRESSION_DERIVED[setting]
+    return DERIVED.get(setting, "--" + setting.replace("_", "-"))
+
+
+def as_typed(value):
+    """A setting's value as a user types it: 8 8, 0.5, true, or (not given)."""
+    if value is None:
+        return "(not given)"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return " ".join(as_typed(v) for v in value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 class ChainEta:

@@ -34,7 +34,7 @@ from .meter import Meter
 from .optim import (FINE_TUNE, default_prune_span, fine_tune_regime, format_regime, lr_at, make_optimizer,
                     parse_regime, regime_end, set_lr)
 from .progress import DAY_S, Progress, format_duration
-from .saver import CheckpointSaver, set_rng_state
+from .saver import CheckpointSaver, reconcile, set_rng_state
 from .signals import StopRequest
 from .state import RunState
 from .step import HardLabels, StepParts, train_step
@@ -43,6 +43,8 @@ from .step import HardLabels, StepParts, train_step
 STOP_AGREE_STEPS = 10
 # The probe that estimates a CPU run's speed before its first step: this many samples.
 PROBE_SAMPLES = 8
+# A forward pass costs about a third of a training step's forward and backward.
+FORWARD_SHARE = 1 / 3
 
 
 @dataclass
@@ -53,11 +55,14 @@ class Hooks:
     - around_epoch(loader, first_step): a context manager entered around each epoch's steps
       (bench/sync_check.py counts the host synchronisations inside it);
     - check_cadence_device: the device whose cadence the non-finite loss check follows (by default
-      the run's own; bench/sync_check.py counts a GPU's cadence on a CPU)."""
+      the run's own; bench/sync_check.py counts a GPU's cadence on a CPU);
+    - on_folder(folder): once, on every rank, when the run folder is open and locked, before any
+      training (chain.py records each stage's folder then)."""
     on_epoch: Optional[Callable] = None
     on_speed: Optional[Callable] = None
     around_epoch: Optional[Callable] = None
     check_cadence_device: Optional[torch.device] = None
+    on_folder: Optional[Callable] = None
 
 
 def nan_check_every(nan_policy, log_interval, device):
@@ -87,7 +92,10 @@ class Trainer:
         self.cfg, self.ctx, self.hooks = cfg, ctx, hooks or Hooks()
         self.log = self.stop = self.saver = self.state = None
         self.speed = None
-        self.epochs, self.test_images = 0, 0
+        self.epochs, self.test_images, self.precise_batches = 0, 0, 0
+        # Steps per second of an epoch that ended before the early ETA was due: announced once its
+        # evaluation has run, with that evaluation's measured time.
+        self.epoch_rate = None
         # The early ETA is shown once per process, after ~30 s of steps.
         self.eta_due = True
 
@@ -128,7 +136,7 @@ class Trainer:
             compression.check_span(pruner, epochs, "prune_schedule" if "prune_schedule" in cfg.given else "epochs")
             self.check_position(len(train_loader))
 
-            folder = self.open_folder(folder, lock)
+            folder = self.open_folder(folder, lock, saved)
             self.saver = saver = CheckpointSaver(folder, net, optimizer, scaler, cfg, ctx, log, pruner)
             if saved is not None:  # a kill may have come between last.pytar and its derived files
                 saver.refresh(state)
@@ -145,6 +153,7 @@ class Trainer:
             if teacher is not None:
                 self.report_teacher(teacher_forward, test_loader, autocast)
             self.test_images = test_loader.stop - test_loader.start
+            self.precise_batches = precise_bn.batches_for(cfg.precise_bn, net, cfg.batch_size, len(train_loader))
             if self.agreed_stop():
                 return self.stopped()
             if ctx.device.type == "cpu":  # a CPU step can take minutes: an estimate now, measured later
@@ -157,9 +166,13 @@ class Trainer:
                 stats = self.train_one_epoch(parts, train_loader, epoch)
                 if stats is None:  # stopped by a signal; last.pytar holds the position
                     return self.stopped()
+                t_eval = time.perf_counter()
                 precise = self.precise_stats(net, train_loader, autocast)
                 with precise_bn.overlay(net, precise):
                     test = evaluate(eval_net, test_loader, criterion, eval_autocast, teacher=teacher_forward)
+                if self.epoch_rate is not None:
+                    self.eta_announcer(len(train_loader), epoch, time.perf_counter() - t_eval)(
+                        self.epoch_rate, len(train_loader))
                 row = epoch_row(epoch, lr, stats, test)
                 if pruner is not None:
                     row["sparsity"] = pruner.sparsity()
@@ -167,7 +180,7 @@ class Trainer:
                 is_best = state.add_epoch(row, test, eligible=pruner is None or pruner.at_target())
                 log(epoch_line(row, test, epochs, is_best) + (" | precise BN" if precise else ""))
                 state.next_epoch, state.next_step, state.finished = epoch + 1, 0, epoch >= epochs
-                saver.save_epoch(state, epoch, is_best, test, precise)
+                saver.save_epoch(state, test, precise)
                 distributed.barrier()
                 if self.hooks.on_epoch:
                     self.hooks.on_epoch(row)
@@ -210,29 +223,37 @@ class Trainer:
                     return None
             sync(ctx.device)
         progress.close()
-        if self.eta_due:  # an epoch shorter than the ETA's wait: its own speed gives the ETA
-            self.eta_announcer(len(loader), epoch)(
-                (len(loader) - first_step) / max(time.perf_counter() - t0, 1e-9), len(loader))
+        if self.eta_due:  # an epoch shorter than the ETA's wait: its own speed gives the ETA, after its evaluation
+            self.epoch_rate = (len(loader) - first_step) / max(time.perf_counter() - t0, 1e-9)
         seconds = seconds_before + time.perf_counter() - t0
         self.report_skipped(failed, epoch, len(loader) - first_step)
         s = meter.summary(reduce=True)
         return {"loss": s["loss"], "top1": s["top1"], "agreement": s["agreement"],
                 "images_per_s": s["total"] / max(seconds, 1e-9), "seconds": seconds}
 
-    def eta_announcer(self, steps, epoch):
-        """The early ETA, from the measured steps per second: this epoch, the run (its evaluations
-        estimated as a forward pass, a third of a training step, per test image), and on a CPU a plain
-        word when the run would take more than a day."""
+    def eta_announcer(self, steps, epoch, evaluated_s=None):
+        """The early ETA, from the measured steps per second: this epoch, and the run with each epoch's
+        forward passes besides its steps (the evaluation of this rank's test images and the precise
+        BatchNorm batches). `evaluated_s`: the time this epoch's evaluation took, when the ETA comes
+        after it (an epoch shorter than the ETA's wait); else each of those images is estimated at
+        FORWARD_SHARE of a training step's cost per image. On a CPU, a plain word when the run would
+        take more than a day."""
         cfg, ctx = self.cfg, self.ctx
 
         def announce(steps_per_s, step):
-            self.eta_due = False
+            self.eta_due, self.epoch_rate = False, None
             images_per_s = steps_per_s * cfg.batch_size * ctx.world_size
-            epoch_left = (steps - step) / steps_per_s
-            eval_s = 3 * self.test_images / max(images_per_s / ctx.world_size, 1e-9)
-            run_left = epoch_left + eval_s + (self.epochs - epoch) * (steps / steps_per_s + eval_s)
-            self.log(f"ETA: {format_duration(epoch_left)} for the rest of epoch {epoch}, "
-                     f"{format_duration(run_left)} for the run ({self.epochs - epoch + 1} epoch(s) left, "
+            if evaluated_s is not None:   # the epoch and its evaluation are done
+                run_left = (self.epochs - epoch) * (steps / steps_per_s + evaluated_s)
+                where = f"after epoch {epoch}"
+            else:
+                epoch_left = (steps - step) / steps_per_s
+                forward_images = self.test_images + self.precise_batches * cfg.batch_size
+                extra_s = forward_images * FORWARD_SHARE / max(images_per_s / ctx.world_size, 1e-9)
+                run_left = epoch_left + extra_s + (self.epochs - epoch) * (steps / steps_per_s + extra_s)
+                where = f"{format_duration(epoch_left)} for the rest of epoch {epoch}"
+            left = self.epochs - epoch + (evaluated_s is None)
+            self.log(f"ETA: {where}, {format_duration(run_left)} for the run ({left} epoch(s) left, "
                      f"{images_per_s:.3g} img/s)")
             if ctx.device.type == "cpu" and run_left > DAY_S:
                 self.log(f"ETA: on this CPU the run would take about {run_left / DAY_S:.0f} days. For a "
@@ -390,7 +411,9 @@ class Trainer:
         cfg, ctx, sp = self.cfg, self.ctx, self.speed
         n_params = sum(p.numel() for p in net.parameters())
         head = f"cosine head, s={cfg.s:g} m={cfg.m:g}" if cfg.coslinear else "linear head"
-        self.log(f"{'resuming' if resumed else 'run'} {folder}")
+        state = self.state
+        self.log(f"resuming {folder} at epoch {state.next_epoch}, step {state.next_step}" if resumed
+                 else f"run {folder}")
         self.log(f"model {cfg.model} (width {net.width_mult:g}, depth {net.depth_mult:g}, {head}), {n_params:,} "
                  f"parameters; {self.epochs} epochs, LR regime {regime_text}")
         self.log(f"device {ctx.device} x{ctx.world_size} rank(s), batch {cfg.batch_size}/rank, amp {sp.amp}, "
@@ -399,9 +422,11 @@ class Trainer:
     # ------------------------------------------------------------------------- run folders and resume
 
     def find_resume(self, lock):
-        """(run folder, its loaded last.pytar) to continue, or (None, None) for a new run. The folder is
-        locked (on the main rank) before its state is read, so two processes never share a run. A
-        resumed run's configuration becomes the saved run's for every setting the user did not give."""
+        """(run folder, its loaded last.pytar) to continue; (run folder, None) to start over in a folder
+        that no commit covers (a run killed before its first epoch ended); or (None, None) for a new
+        run. The folder is locked (on the main rank) before its state is read, so two processes never
+        share a run. A resumed run's configuration becomes the saved run's (last.pytar's arguments, or
+        args.json's without a commit) for every setting the user did not give."""
         cfg, ctx = self.cfg, self.ctx
         if not cfg.resume:
             return None, None
@@ -412,12 +437,15 @@ class Trainer:
                 self.log(f"--resume auto: no run of these arguments under {cfg.save}; starting a new one")
                 return None, None
             path = os.path.join(folder, "last.pytar")
+        elif os.path.isdir(cfg.resume):
+            folder, path = cfg.resume, os.path.join(cfg.resume, "last.pytar")
         else:
-            folder = cfg.resume if os.path.isdir(cfg.resume) else os.path.dirname(cfg.resume)
-            path = os.path.join(cfg.resume, "last.pytar") if os.path.isdir(cfg.resume) else cfg.resume
+            folder, path = os.path.dirname(cfg.resume), cfg.resume
             if not os.path.exists(path):
                 raise errors.RunError(f"--resume {cfg.resume}: {path} does not exist; give a run folder that "
                                       "holds last.pytar, or the file itself")
+        if (cfg.resume == "auto" or os.path.isdir(cfg.resume)) and not run_folder.is_committed(folder):
+            return folder, self.start_over(folder, lock)
         if ctx.is_main:
             lock.acquire(folder)
         saved = checkpoint.load_file(path)
@@ -427,6 +455,23 @@ class Trainer:
         checkpoint.upgrade(saved)
         self.cfg = cfg.inherit(saved["args"], path)
         return folder, saved
+
+    def start_over(self, folder, lock):
+        """A run folder without a commit (killed before its first epoch ended, or a chain's stage
+        recorded before it trained): its args.json says which run it is for; the folder is locked and
+        the run starts over there. Returns None (no state to resume)."""
+        path = os.path.join(folder, "args.json")
+        args = run_folder.read_json(path)
+        if not isinstance(args, dict):  # no run folder of ours: left untouched, not even locked
+            raise errors.RunError(f"--resume {self.cfg.resume}: {folder} holds neither last.pytar nor a readable "
+                                  "args.json, so no run of this toolkit can be continued there; give a run "
+                                  "folder, or start a new run without --resume")
+        if self.ctx.is_main:
+            lock.acquire(folder)
+        self.cfg = self.cfg.inherit(args, path)
+        self.log(f"--resume {self.cfg.resume}: reusing {folder}, a run of these arguments stopped before its "
+                 "first commit (no last.pytar); it starts over there")
+        return None
 
     def check_position(self, steps):
         state, ctx = self.state, self.ctx
@@ -440,26 +485,47 @@ class Trainer:
             state.next_epoch, state.next_step, state.partial = state.next_epoch + 1, 0, None
         state.finished = False
 
-    def open_folder(self, folder, lock):
-        """Create (or reopen) and lock the run folder once every check passed; clear what killed writes
-        left; write args.json and the log. Returns the folder on every rank."""
+    def open_folder(self, folder, lock, saved):
+        """Create, or reopen, the locked run folder once every check passed: clear what killed
+        processes left there and at its root, make its weights files those its commit covers
+        (`saved`: the loaded last.pytar, None without one), write args.json and the log; then tell
+        the on_folder hook. Returns the folder on every rank."""
         cfg, ctx = self.cfg, self.ctx
         if ctx.is_main:
+            root = cfg.save if folder is None else os.path.dirname(os.path.abspath(folder))
+            run_folder.remove_leftovers(root, keep=folder)
             if folder is None:
-                folder = run_folder.create_run_dir(cfg.save, cfg.model, cfg.coslinear, cfg.refined)
-                lock.acquire(folder)
-            run_folder.remove_temporaries(folder)
-            self.log.attach(os.path.join(folder, "log.txt"))
-            run_folder.write_json(os.path.join(folder, "args.json"), cfg.settings())
-        return distributed.broadcast_object(folder)
+                folder = run_folder.create_run_dir(cfg.save, cfg.model, cfg.coslinear, cfg.refined,
+                                                   cfg.settings(), lock)
+                self.log.attach(os.path.join(folder, "log.txt"))
+            else:
+                run_folder.remove_temporaries(folder)
+                self.log.attach(os.path.join(folder, "log.txt"))
+                self.reconcile(folder, saved)
+                run_folder.write_json(os.path.join(folder, "args.json"), cfg.settings())
+        folder = distributed.broadcast_object(folder)
+        if self.hooks.on_folder:
+            self.hooks.on_folder(folder)
+        return folder
+
+    def reconcile(self, folder, saved):
+        """The run's weights files made to agree with its commit (saver.reconcile), said in one line
+        when a kill had left them otherwise."""
+        removed, written = reconcile(folder, saved, self.cfg.keep_epoch_states)
+        if removed or written:
+            self.log(f"{folder}: " + "; ".join(
+                part for part in (removed and f"removed {', '.join(removed)}, which no commit covers",
+                                  written and f"wrote {', '.join(written)} from last.pytar") if part))
 
     def already_finished(self, folder, saved):
-        """--resume of a run that already trained every epoch asked for: repair its derived files (a
-        kill may have come between last.pytar and them), say so, exit 0."""
+        """--resume of a run that already trained every epoch asked for: repair its files (a kill may
+        have come between last.pytar and them), say so, exit 0."""
         state = RunState.from_checkpoint(saved)
         state.finished = True
         if self.ctx.is_main:
+            run_folder.remove_leftovers(os.path.dirname(os.path.abspath(folder)), keep=folder)
             run_folder.remove_temporaries(folder)
+            self.reconcile(folder, saved)
             run_folder.write_derived(folder, state, bool(saved["args"].get("label_refinery_model")), self.log)
         b = state.best
         if b is None:  # a pruned run whose epochs ended before its target sparsity (no eligible epoch)
