@@ -424,26 +424,6 @@ class _Counter:
                              f"needs the batch dimension ({BATCH}) first to give per-sample figures")
 
 
-def _units(model):
-    """The modules to hook: each leaf, and each module with a layer kind, whose children are then
-    part of it (not hooked themselves)."""
-    seen, out = set(), []
-
-    def walk(m):
-        if id(m) in seen:
-            return
-        seen.add(id(m))
-        children = list(m.children())
-        if not children or layer_rules.layer_kind(m) is not None:
-            out.append(m)
-            return
-        for child in children:
-            walk(child)
-
-    walk(model)
-    return out
-
-
 def _check_compression(model, compression):
     layers = compression.get("layers") if isinstance(compression, dict) else None
     if not isinstance(layers, dict):
@@ -500,7 +480,7 @@ def count(model, input_size=(3, 32, 32), mul_factor=0.5, rules="uci", compressio
     if compression is not None:
         _check_compression(model, compression)
     c = _Counter(model, rules, compression)
-    units = _units(model)
+    units = layer_rules.units(model)
     handles = [m.register_forward_hook(c.leaf_hook) for m in units]
 
     try:

@@ -93,26 +93,6 @@ class _Tensor:
         return max((op for op, _ in self.reads), default=self.producer)
 
 
-def _units(model):
-    """The modules whose calls are ops: each leaf, and each module with a layer kind (its children
-    are then part of it, as a quantised conv's input quantiser is), as the op counter hooks them."""
-    seen, out = set(), []
-
-    def walk(m):
-        if id(m) in seen:
-            return
-        seen.add(id(m))
-        children = list(m.children())
-        if not children or layer_rules.layer_kind(m) is not None:
-            out.append(m)
-            return
-        for child in children:
-            walk(child)
-
-    walk(model)
-    return out
-
-
 def _tensors(x):
     if isinstance(x, torch.Tensor):
         return [x]
@@ -160,7 +140,7 @@ def mtas(model, input_size=(3, 32, 32), compression=None, float_bits=FLOAT_BITS)
     def hook(module, args, output):
         calls.append((module, _tensors(args), _tensors(output)))
 
-    handles = [m.register_forward_hook(hook) for m in _units(model)]
+    handles = [m.register_forward_hook(hook) for m in layer_rules.units(model)]
     try:
         first = next(model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")

@@ -125,6 +125,26 @@ def layer_kind(module):
     return None
 
 
+def units(model):
+    """The modules whose calls are costed: each leaf, and each module with a layer kind, whose
+    children are then part of it (a quantised conv's input quantiser), not costed themselves."""
+    seen, out = set(), []
+
+    def walk(m):
+        if id(m) in seen:
+            return
+        seen.add(id(m))
+        children = list(m.children())
+        if not children or layer_kind(m) is not None:
+            out.append(m)
+            return
+        for child in children:
+            walk(child)
+
+    walk(model)
+    return out
+
+
 def numel(shape):
     return math.prod(shape)
 
