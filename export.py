@@ -26,7 +26,7 @@ from deploy import check
 from engine import checkpoint, distributed
 from engine.evaluate import evaluate_checkpoint
 from micronet_cifar100 import errors
-from micronet_cifar100.cli.args import add_data_args, add_model_args, fill_arch, given_flags, positive_int
+from micronet_cifar100.cli.args import add_data_args, add_model_args, parse_for_checkpoint, positive_int
 from micronet_cifar100.cli.errors import run_main
 from torchscope.mtas import mtas
 
@@ -55,17 +55,16 @@ def build_parser():
 
 def parse_args(argv):
     """export.py's flags; the architecture comes from the checkpoint unless the flags say it (as test.py)."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
+    return parse_for_checkpoint(build_parser(), argv, check=check_outputs)
+
+
+def check_outputs(parser, args):
     if not (args.onnx or args.packed):
         parser.error("nothing to write: give --onnx OUT.onnx, --packed OUT.bin or both")
     for flag, path in (("--onnx", args.onnx), ("--packed", args.packed)):
         folder = os.path.dirname(os.path.abspath(path)) if path else None
         if folder and not os.path.isdir(folder):
             parser.error(f"argument {flag}: folder {folder} does not exist")
-    fill_arch(args, given_flags(parser, argv), "model_state_file")
-    return args
 
 
 def load(args):

@@ -14,7 +14,7 @@ import compress
 import data
 from micronet_cifar100 import errors
 import torchscope
-from micronet_cifar100.cli.args import add_data_args, add_model_args, fill_arch, given_flags, positive_int, typed
+from micronet_cifar100.cli.args import add_data_args, add_model_args, parse_for_checkpoint, positive_int, typed
 from micronet_cifar100.cli.errors import run_main
 from engine import distributed
 from engine.evaluate import evaluate_checkpoint
@@ -22,11 +22,7 @@ from engine.evaluate import evaluate_checkpoint
 
 def parse_args(argv=None):
     """test.py's flags; the architecture comes from the checkpoint unless the flags say it."""
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    fill_arch(args, given_flags(parser, argv), "model_state_file")
-    return args
+    return parse_for_checkpoint(build_parser(), argv)
 
 
 def main(argv=None):

@@ -25,7 +25,7 @@ import torch
 from micronet_cifar100 import errors
 import models
 import torchscope
-from micronet_cifar100.cli.args import add_model_args, fill_arch, given_flags, positive_int, typed
+from micronet_cifar100.cli.args import add_model_args, parse_for_checkpoint, positive_int, typed
 from micronet_cifar100.cli.errors import run_main
 from engine.checkpoint import load_weights
 from torchscope import text
@@ -94,10 +94,7 @@ def build_parser():
 
 def parse_args(argv):
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    if args.model_state_file:   # a checkpoint knows its model: the flags only have to agree with it
-        fill_arch(args, given_flags(parser, argv), "model_state_file")
+    args = parse_for_checkpoint(parser, argv)   # a checkpoint knows its model: the flags only have to agree
     c, h, w = args.input_size
     if c != 3:
         parser.error(f"argument --input-size: the models take 3 (RGB) channels, got {c}")

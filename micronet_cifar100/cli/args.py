@@ -3,6 +3,7 @@ error (exit 2) that names the flag, the value and the range it must be in."""
 import argparse
 import math
 import os
+import sys
 
 import models
 from compress import BITS, BITS_TEXT
@@ -142,6 +143,19 @@ def fill_arch(args, given, path_setting, attrs=None):
         if arch[k] is not None:
             setattr(args, a, arch[k])
     return arch["model"] is not None
+
+
+def parse_for_checkpoint(parser, argv=None, check=None):
+    """Parse `argv` (sys.argv[1:] when None) with a parser that has --model-state-file; a checkpoint
+    knows its model, so the architecture flags the user left out come from it (fill_arch). `check`
+    (parser, args) runs the script's own flag checks first, before the file is read."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if check is not None:
+        check(parser, args)
+    if args.model_state_file:
+        fill_arch(args, given_flags(parser, argv), "model_state_file")
+    return args
 
 
 def given_flags(parser, argv):
