@@ -34,8 +34,7 @@ def main(argv=None):
     print(f"{args.model} {args.model_state_file}" + (f" (epoch {trained})" if trained else ""))
     if meta.get("compression"):
         r["compression"] = compress.summary(meta["compression"])
-        quantised = any(e.get("weight_bits") or e.get("act_bits") for e in meta["compression"]["layers"].values())
-        numerics = "its quantised numerics and masks" if quantised else "its masks"
+        numerics = "its quantised numerics and masks" if compress.quantised_layers(model) else "its masks"
         print(f"compressed: {r['compression']} (evaluated with {numerics})")
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
           f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
