@@ -42,7 +42,8 @@ STATE_FILE = "chain_state.json"
 STAGE_SETTINGS = ("model", "lr_regime", "label_refinery_model", "label_refinery_state_file",
                   "label_refinery_width_mult", "label_refinery_depth_mult", "label_refinery_coslinear",
                   "resume", "init_from")
-COMPRESSION_SETTINGS = ("prune", "prune_schedule", "prune_scope", "quant", "quant_first_last")
+COMPRESSION_SETTINGS = ("prune", "prune_schedule", "prune_scope", "prune_exclude", "prune_max_sparsity", "quant",
+                        "quant_first_last", "quant_method", "qat_freeze_observers", "qat_freeze_bn")
 
 
 def chain(cfg, ctx):

@@ -36,6 +36,10 @@ def main(argv=None):
         r["compression"] = compress.summary(meta["compression"])
         numerics = "its quantised numerics and masks" if compress.quantised_layers(model) else "its masks"
         print(f"compressed: {r['compression']} (evaluated with {numerics})")
+    r["empty_layers"] = compress.empty_layers(model)
+    if r["empty_layers"]:
+        print(f"warning: {len(r['empty_layers'])} layer(s) have only zero weights: {', '.join(r['empty_layers'])} "
+              "(each outputs a constant: the model is broken there)")
     print(f"test loss {r['loss']:.4f} | top-1 {r['top1']:.2f}% | top-5 {r['top5']:.2f}% | "
           f"correct {r['correct']}/{r['total']}{' (flip TTA)' if args.tta else ''}")
     tta_note = ""

@@ -49,15 +49,17 @@ learned steps.
 torchscope.count(model, rules="micronet", compression=rec) scores a compressed model.
 """
 from .layers import (BITS, BITS_TEXT, FLOAT_BITS, GROUPS, HALF_BITS, INT_BITS, SIMULATED_BITS, bare_name,
-                     compressible, first_and_head, layer_groups)
+                     compressible, empty_layers, first_and_head, layer_groups)
 from .prune import DEFAULT_EXCLUDE, MAX_SPARSITY, SCOPES, PruneSchedule, Pruner, report_text, resolve_exclude
 from .qat import QATSchedule, freeze_batchnorm, freeze_observers, frozen_state
 from .quant import (METHODS, QuantConv2d, QuantCosine, Quantised, QuantLinear, calibrate, fake_quant_weight,
                     layer_bits, quantize, quantize_layers, quantised_layers, step_sizes)
+from .defaults import DEFAULT_METHOD, DEFAULT_SCOPE, FREEZE_BN_EPOCH, FREEZE_OBSERVERS_EPOCH
 from .record import (RECORD_FORMAT, RECORD_FORMAT_LSQ, RECORD_FORMATS, apply_record, masks_of, record, summary,
                      validate_record, widths_text)
 
-__all__ = ["PruneSchedule", "Pruner", "SCOPES", "MAX_SPARSITY", "DEFAULT_EXCLUDE", "GROUPS", "resolve_exclude",
+__all__ = ["DEFAULT_SCOPE", "DEFAULT_METHOD", "FREEZE_OBSERVERS_EPOCH", "FREEZE_BN_EPOCH", "empty_layers",
+           "PruneSchedule", "Pruner", "SCOPES", "MAX_SPARSITY", "DEFAULT_EXCLUDE", "GROUPS", "resolve_exclude",
            "layer_groups", "report_text",
            "quantize", "quantize_layers", "layer_bits", "quantised_layers", "step_sizes", "METHODS", "calibrate",
            "fake_quant_weight", "Quantised", "QuantConv2d", "QuantLinear", "QuantCosine",

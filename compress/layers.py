@@ -141,3 +141,10 @@ def following_batchnorm(model):
                     and b.num_features == units_of(a)):
                 out[bare_name(f"{prefix}.{name}" if prefix else name)] = b
     return out
+
+
+def empty_layers(model):
+    """The bare names of the conv, linear and cosine layers whose weights are all zero, in module
+    order: such a layer outputs a constant (its bias), so the network after it sees nothing of the
+    image through it."""
+    return [n for n, m in compressible(model).items() if not bool(weight_of(m).detach().ne(0).any())]

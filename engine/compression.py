@@ -13,12 +13,48 @@ from micronet_cifar100 import errors
 from . import checkpoint
 
 
-def quantise(net, quant, first_last=None):
+def quantise(net, quant, first_last=None, method=None):
     """Fake-quantise `net` in place for QAT when `quant` is a (weight bits, activation bits) pair;
-    `first_last` gives the stem conv and the head their own pair."""
+    `first_last` gives the stem conv and the head their own pair; `method` the quantiser (None: the
+    library's default)."""
     if quant:
-        compress.quantize(net, quant[0], quant[1], first_last_bits=tuple(first_last) if first_last else None)
+        compress.quantize(net, quant[0], quant[1], first_last_bits=tuple(first_last) if first_last else None,
+                          method=method or compress.DEFAULT_METHOD)
     return net
+
+
+def param_groups(net):
+    """The optimizer's parameters: `net.parameters()` as they are (a dense or min/max run: the same
+    single group as ever), or, with learned step sizes, the steps in a second group without weight
+    decay (decay would pull every step towards 0, i.e. towards a finer grid that clips more)."""
+    steps = compress.step_sizes(net)
+    if not steps:
+        return net.parameters()
+    ids = {id(p) for p in steps}
+    return [{"params": [p for p in net.parameters() if id(p) not in ids]},
+            {"params": steps, "weight_decay": 0.0}]
+
+
+def make_qat(net, cfg):
+    """The run's QAT schedule (freezing observers and BatchNorm statistics), or None without QAT.
+    0 (the flags' "never") and None freeze nothing."""
+    if not cfg.quant:
+        return None
+    return compress.QATSchedule(net, observers_epoch=cfg.qat_freeze_observers or None,
+                                batchnorm_epoch=cfg.qat_freeze_bn or None)
+
+
+def step_qat(qat, epoch, log):
+    """At the start of an epoch: freeze what the schedule says, and log what froze now."""
+    if qat is None:
+        return
+    before = qat.frozen()
+    after = qat.step(epoch)
+    now = [what for key, what in (("observers", "input observers (min/max ranges fixed)"),
+                                  ("batchnorm", "BatchNorm statistics (running statistics used in training)"))
+           if after[key] and not before[key]]
+    if now:
+        log(f"epoch {epoch}: QAT froze the {' and the '.join(now)}")
 
 
 def check(cfg):
@@ -27,21 +63,51 @@ def check(cfg):
     if cfg.quant_first_last and not cfg.quant:
         raise errors.ConfigError("widths for the first layer and the head need the other layers' widths "
                                  "(quantisation of the whole model)", setting="quant_first_last")
-    if not cfg.prune and (cfg.prune_schedule or cfg.prune_scope):
-        raise errors.ConfigError("a pruning span or scope needs a target sparsity", setting="prune_schedule")
+    if not cfg.prune and (cfg.prune_schedule or cfg.prune_scope or cfg.prune_exclude is not None
+                          or cfg.prune_max_sparsity):
+        raise errors.ConfigError("a pruning span, scope, exclusion or limit needs a target sparsity",
+                                 setting="prune_schedule")
+    if not cfg.quant and (cfg.quant_method or cfg.qat_freeze_observers or cfg.qat_freeze_bn):
+        raise errors.ConfigError("a quantiser or a QAT freeze epoch needs quantisation (--quant W A)",
+                                 setting="quant_method")
     if cfg.quant and cfg.activation_checkpointing:
         raise errors.ConfigError("recomputing each block in the backward pass cannot be combined with "
                                  "quantisation-aware training: it would observe the block's input ranges twice",
                                  setting="activation_checkpointing")
 
 
-def make_pruner(net, optimizer, target, span, scope):
-    """The run's pruner (None without a target) on the cubic schedule over `span` (start, end),
-    attached to the optimizer."""
-    if not target:
+def make_pruner(net, optimizer, cfg, span):
+    """The run's pruner (None without --prune) on the cubic schedule over `span` (start, end),
+    attached to the optimizer: scope, exclusions and the layer limit as the run says, the library's
+    defaults where it is silent (an older run's saved settings)."""
+    if not cfg.prune:
         return None
-    schedule = compress.PruneSchedule(target, int(span[0]), int(span[1]))
-    return compress.Pruner(net, schedule, scope=scope).attach(optimizer)
+    schedule = compress.PruneSchedule(cfg.prune, int(span[0]), int(span[1]))
+    exclude = compress.DEFAULT_EXCLUDE if cfg.prune_exclude is None else tuple(cfg.prune_exclude)
+    return compress.Pruner(net, schedule, scope=cfg.prune_scope or compress.DEFAULT_SCOPE, exclude=exclude,
+                           max_sparsity=cfg.prune_max_sparsity or compress.MAX_SPARSITY).attach(optimizer)
+
+
+def step_pruner(pruner, epoch, log):
+    """At the start of an epoch: prune to the schedule; after a step that pruned more, log the sparsest
+    layers, and warn (one line) for the layers that reached their limit this epoch."""
+    if pruner is None:
+        return
+    before = pruner.sparsity()
+    limited = {r["name"] for r in pruner.report(top=0)["at_limit"]}
+    pruner.step(epoch)
+    if pruner.sparsity() == before:
+        return
+    report = pruner.report(top=3)
+    log(f"epoch {epoch}: {compress.report_text(report)}")
+    new = [r for r in report["at_limit"] if r["name"] not in limited]
+    if new:
+        def why(r):
+            return f"max {100 * pruner.max_sparsity:g}%" if r["reason"] == "max_sparsity" else "1 weight per unit"
+        shown = ", ".join(f"{r['name']} {100 * r['sparsity']:.1f}% ({why(r)})" for r in new)
+        log(f"warning: {len(new)} layer(s) reached their pruning limit (--prune-max-sparsity "
+            f"{pruner.max_sparsity:g}, one weight kept per output unit), the other layers take the rest of "
+            f"the target: {shown}")
 
 
 def check_span(pruner, epochs, setting):
@@ -57,17 +123,20 @@ def is_compressed(net, pruner):
     return pruner is not None or bool(compress.quantised_layers(net))
 
 
-def record(net, pruner):
+def record(net, pruner, qat=None):
     """The compression record the checkpoints carry, or None for a dense run."""
-    return compress.record(net, pruner) if is_compressed(net, pruner) else None
+    return compress.record(net, pruner, qat) if is_compressed(net, pruner) else None
 
 
-def restore(net, pruner, saved, path):
-    """A resumed run's input ranges (from the record in last.pytar) and masks (its pruner state).
-    The model is already quantised with the run's own bits, so its layers are kept as they are."""
+def restore(net, pruner, saved, path, qat=None):
+    """A resumed run's input grids and learned steps (from the record in last.pytar), what its QAT
+    schedule froze, and its masks (its pruner state). The model is already quantised with the run's
+    own bits and quantiser, so its layers are kept as they are."""
     rec = saved.get("compression")
     if rec is not None:
         compress.apply_record(net, rec, source=path)
+    if qat is not None and saved.get("qat"):
+        qat.load_state_dict(saved["qat"], source=path)
     if pruner is not None:
         if not saved.get("pruner"):
             raise errors.CheckpointError(f"{path} holds no pruning state, but this run prunes; resume it "
@@ -109,14 +178,21 @@ def init_from(net, path):
     return f"initialised from {path}" + (f" (epoch {epoch})" if epoch else "") + what
 
 
-def log_line(net, pruner):
+def log_line(net, pruner, qat=None):
     """One log line for a compressed run, or None."""
     parts = []
     q = compress.quantised_layers(net)
     if q:
-        parts.append("QAT " + compress.widths_text([(m.weight_bits, m.act_bits) for m in q.values()]))
+        methods = sorted({m.method for m in q.values()})
+        parts.append("QAT " + compress.widths_text([(m.weight_bits, m.act_bits) for m in q.values()])
+                     + f" ({', '.join(methods)})")
+        if qat is not None:
+            parts.append("freezing " + ", ".join(
+                f"{what} from epoch {e}" if e else f"{what} never"
+                for what, e in (("observers", qat.observers_epoch), ("BatchNorm statistics", qat.batchnorm_epoch))))
     if pruner is not None:
         s = pruner.schedule
+        dense = f", {len(pruner.exclude)} left dense ({', '.join(pruner.exclude)})" if pruner.exclude else ""
         parts.append(f"pruning to {100 * s.target:g}% ({pruner.scope} scope) over epochs {s.start_epoch}..{s.end_epoch}, "
-                     f"{len(pruner.params)} layers pruned")
+                     f"{len(pruner.params)} layers pruned{dense}, none past {100 * pruner.max_sparsity:g}%")
     return "compression: " + "; ".join(parts) if parts else None

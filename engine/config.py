@@ -19,7 +19,8 @@ IDENTITY = ("model", "width_mult", "depth_mult", "coslinear", "s", "m", "label_s
             "test_limit", "label_refinery_model", "label_refinery_state_file",
             "label_refinery_width_mult", "label_refinery_depth_mult", "refinery_bn",
             "drop_connect", "dropout", "bn_momentum", "lr_scale", "sync_bn", "nan_policy",
-            "init_from", "prune", "prune_schedule", "prune_scope", "quant", "quant_first_last")
+            "init_from", "prune", "prune_schedule", "prune_scope", "prune_exclude", "prune_max_sparsity",
+            "quant", "quant_first_last", "quant_method", "qat_freeze_observers", "qat_freeze_bn")
 
 # Not part of a run's identity, but a resume that does not give them keeps the run's values.
 INHERITED = ("epochs", "data_dir", "eval_batch_size", "checkpoint_every", "keep_epoch_states",
@@ -72,8 +73,13 @@ class RunConfig:
     prune: Optional[float] = None
     prune_schedule: Optional[list] = None
     prune_scope: Optional[str] = None
+    prune_exclude: Optional[list] = None       # layers left dense (None: compress.DEFAULT_EXCLUDE)
+    prune_max_sparsity: Optional[float] = None  # None: compress.MAX_SPARSITY
     quant: Optional[list] = None
     quant_first_last: Optional[list] = None
+    quant_method: Optional[str] = None          # None: compress.DEFAULT_METHOD
+    qat_freeze_observers: Optional[int] = None  # the epoch to freeze from; 0: never
+    qat_freeze_bn: Optional[int] = None
     # run
     save: str = "checkpoints"
     init_from: Optional[str] = None

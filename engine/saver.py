@@ -121,9 +121,9 @@ def reconcile(folder, saved, keep_epoch_states):
 
 
 class CheckpointSaver:
-    def __init__(self, folder, net, optimizer, scaler, cfg, ctx, log, pruner=None):
+    def __init__(self, folder, net, optimizer, scaler, cfg, ctx, log, pruner=None, qat=None):
         self.folder, self.net, self.optimizer, self.scaler = folder, net, optimizer, scaler
-        self.cfg, self.ctx, self.log, self.pruner = cfg, ctx, log, pruner
+        self.cfg, self.ctx, self.log, self.pruner, self.qat = cfg, ctx, log, pruner, qat
         self.refined = cfg.refined
 
     def path(self, name):
@@ -131,13 +131,14 @@ class CheckpointSaver:
 
     def training_state(self, state, eval_bn=None, test=None):
         """The content of last.pytar; a compressed run's also holds its compression record (bits,
-        input ranges, masks) and the pruner's state. At an epoch's end it keeps the epoch's
+        input grids, learned steps, masks), the pruner's state and the QAT schedule's. At an epoch's end it keeps the epoch's
         evaluation (`test`): with the weights and `eval_bn`, all that the epoch's weights files hold
         (epoch_weights)."""
         extra = {}
-        record = compression.record(self.net, self.pruner)
+        record = compression.record(self.net, self.pruner, self.qat)
         if record is not None:
-            extra = {"compression": record, "pruner": self.pruner.state_dict() if self.pruner else None}
+            extra = {"compression": record, "pruner": self.pruner.state_dict() if self.pruner else None,
+                     "qat": self.qat.state_dict() if self.qat else None}
         return checkpoint.with_checksum({
             "format": checkpoint.FORMAT,
             "model": checkpoint.bare_state(self.net),

@@ -92,6 +92,7 @@ class Trainer:
         self.cfg, self.ctx, self.hooks = cfg, ctx, hooks or Hooks()
         self.log = self.stop = self.saver = self.state = None
         self.speed = None
+        self.qat = None   # the QAT schedule (compress.QATSchedule) of a quantised run
         self.epochs, self.test_images, self.precise_batches = 0, 0, 0
         # Steps per second of an epoch that ended before the early ETA was due: announced once its
         # evaluation has run, with that evaluation's measured time.
@@ -124,26 +125,27 @@ class Trainer:
             seed_everything(cfg.seed)
             net = self.build_model()
             init_note = compression.init_from(net, cfg.init_from) if cfg.init_from and saved is None else None
-            compression.quantise(net, cfg.quant, cfg.quant_first_last)  # before the optimizer, DDP, compile
+            # Before the optimizer (LSQ's steps are parameters), DDP and compile.
+            compression.quantise(net, cfg.quant, cfg.quant_first_last, cfg.quant_method)
             teacher = self.build_teacher()
             train_loader, test_loader = self.load_data()
-            optimizer = make_optimizer(net.parameters(), lr_at(regime, 1) * lr_factor, cfg.momentum,
+            optimizer = make_optimizer(compression.param_groups(net), lr_at(regime, 1) * lr_factor, cfg.momentum,
                                        cfg.weight_decay, fused=self.speed.fused_optimizer)
-            pruner = compression.make_pruner(net, optimizer, cfg.prune, cfg.prune_schedule or
-                                             default_prune_span(epochs), cfg.prune_scope)
+            pruner = compression.make_pruner(net, optimizer, cfg, cfg.prune_schedule or default_prune_span(epochs))
+            self.qat = qat = compression.make_qat(net, cfg)
             scaler = torch.amp.GradScaler("cuda", enabled=self.speed.amp == "fp16")
-            self.state = state = restore(saved, net, optimizer, scaler, pruner, folder) if saved else RunState()
+            self.state = state = restore(saved, net, optimizer, scaler, pruner, folder, qat) if saved else RunState()
             compression.check_span(pruner, epochs, "prune_schedule" if "prune_schedule" in cfg.given else "epochs")
             self.check_position(len(train_loader))
 
             folder = self.open_folder(folder, lock, saved)
-            self.saver = saver = CheckpointSaver(folder, net, optimizer, scaler, cfg, ctx, log, pruner)
+            self.saver = saver = CheckpointSaver(folder, net, optimizer, scaler, cfg, ctx, log, pruner, qat)
             if saved is not None:  # a kill may have come between last.pytar and its derived files
                 saver.refresh(state)
             criterion = make_criterion(cfg.coslinear, cfg.s, cfg.m, cfg.label_smoothing)
             regime_text = format_regime(regime) + (f" x{lr_factor}" if lr_factor != 1 else "")
             self.log_header(net, regime_text, saved is not None, folder)
-            for line in (init_note, compression.log_line(net, pruner)):
+            for line in (init_note, compression.log_line(net, pruner, qat)):
                 if line:
                     log(line)
             parts, eval_net, teacher_forward = self.make_step_parts(net, teacher, optimizer, scaler, criterion)
@@ -161,8 +163,9 @@ class Trainer:
 
             for epoch in range(state.next_epoch, epochs + 1):
                 lr = set_lr(optimizer, lr_at(regime, epoch) * lr_factor)
-                if pruner is not None:
-                    pruner.step(epoch)  # the schedule's sparsity for this epoch (once: a resumed epoch keeps it)
+                # The schedule's sparsity and freezes for this epoch (once: a resumed epoch keeps them).
+                compression.step_pruner(pruner, epoch, log)
+                compression.step_qat(qat, epoch, log)
                 stats = self.train_one_epoch(parts, train_loader, epoch)
                 if stats is None:  # stopped by a signal; last.pytar holds the position
                     return self.stopped()
@@ -292,7 +295,8 @@ class Trainer:
         with --precise-bn auto only while the running statistics still hold over 1% of their
         initialisation, which the original recipe's 70 epochs never do after their first."""
         n = precise_bn.batches_for(self.cfg.precise_bn, net, self.cfg.batch_size, len(loader))
-        if not n:
+        if not n or (self.qat is not None and self.qat.frozen()["batchnorm"]):
+            # Frozen statistics are what the network trains with: recomputing them would change that.
             return {}
         batches = (xy for _, xy in zip(range(n), loader.iterate(0)))
         return precise_bn.recompute(net, batches, autocast)
@@ -563,9 +567,9 @@ class Trainer:
                 "exit_code": 0}
 
 
-def restore(saved, net, optimizer, scaler, pruner, folder):
+def restore(saved, net, optimizer, scaler, pruner, folder, qat=None):
     checkpoint.fit_state_dict(net, saved["model"], folder)
-    compression.restore(net, pruner, saved, os.path.join(folder, "last.pytar"))
+    compression.restore(net, pruner, saved, os.path.join(folder, "last.pytar"), qat)
     optimizer.load_state_dict(saved["optimizer"])
     if saved.get("scaler") and scaler.is_enabled():
         scaler.load_state_dict(saved["scaler"])

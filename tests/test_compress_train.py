@@ -202,7 +202,15 @@ def test_a_crafted_compressed_checkpoint_is_one_line(compressed_run, tmp_path, c
     (["--quant", "8", "12"], "--quant: must be a bit width: 2 to 8, 16 or 32, got 12"),
     (["--quant", "8"], "--quant: expected 2 arguments"),
     (["--quant-first-last", "8", "8"], "--quant-first-last needs --quant W A"),
-    (["--prune-scope", "layer"], "--prune-schedule and --prune-scope need --prune SPARSITY"),
+    (["--prune-scope", "layer"], "--prune-scope needs --prune SPARSITY"),
+    (["--prune-exclude", "stem"], "--prune-exclude needs --prune SPARSITY"),
+    (["--prune-max-sparsity", "0.9"], "--prune-max-sparsity needs --prune SPARSITY"),
+    (["--quant-method", "lsq"], "--quant-method needs --quant W A"),
+    (["--qat-freeze-bn", "2"], "--qat-freeze-bn needs --quant W A"),
+    (["--quant", "4", "4", "--qat-freeze-bn", "0"], "expected an epoch (1, 2, ...) or never, got '0'"),
+    (["--prune", "0.5", "--prune-max-sparsity", "1.5"], "a share of a layer's weights in (0, 1]"),
+    (["--prune", "0.5", "--prune-exclude", "none", "stem"], "--prune-exclude: none stands alone"),
+    (["--prune", "0.5", "--prune-scope", "lamp"], "invalid choice: 'lamp'"),
     (["--prune", "0.5", "--prune-schedule", "3", "2"], "the span ends (epoch 2) before it starts (epoch 3)"),
     (["--quant", "8", "8", "--activation-checkpointing"], "--activation-checkpointing: recomputing each block"),
 ])
@@ -245,7 +253,7 @@ def test_fine_tune_defaults(tmp_path):
     x = str(tmp_path / "x.pytar")   # --init-from reads the architecture from its file
     torch.save(checkpoint.weights_file(models.create("efficientnet_ex", width_mult=0.1, depth_mult=0.1)), x)
     args = parse_config(["--init-from", x, "--prune", "0.5"])
-    assert args.lr_regime is None and args.prune_schedule is None and args.prune_scope == "global"
+    assert args.lr_regime is None and args.prune_schedule is None and args.prune_scope == compress.DEFAULT_SCOPE
     assert run_regime(args) == optim.fine_tune_regime(30)
     args = parse_config(["--init-from", x, "--epochs", "6"])
     assert run_regime(args) == ((1, 4, 0.007), (5, 5, 0.0007), (6, 6, 0.00007))

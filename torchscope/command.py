@@ -22,6 +22,7 @@ import sys
 
 import torch
 
+from compress import empty_layers
 from micronet_cifar100 import errors
 import models
 import torchscope
@@ -194,9 +195,13 @@ def main(argv=None):
         print(text.mtas_line(activations))
     for note in report.notes:
         print(f"note: {note}")
+    empty = empty_layers(model) if args.model_state_file else []
+    if empty:
+        print(f"warning: {len(empty)} layer(s) have only zero weights: {', '.join(empty)}. Each outputs a "
+              "constant, so this score describes a broken model, not a smaller one: test.py shows its accuracy")
 
     if args.json:
-        payload = {"model": desc, "model_state_file": state_info, **report.to_dict()}
+        payload = {"model": desc, "model_state_file": state_info, **report.to_dict(), "empty_layers": empty}
         if activations is not None:
             payload["mtas_bits"], payload["mtas"] = activations.total_bits, activations.to_dict()
         if record is not None:

@@ -5,6 +5,7 @@ import math
 import os
 import sys
 
+import compress
 import models
 from compress import BITS, BITS_TEXT
 from micronet_cifar100 import errors
@@ -58,8 +59,22 @@ def bit_width(v):
     return typed(int, lambda b: b in BITS, f"a bit width: {BITS_TEXT}")(v)
 
 
+def freeze_epoch(v):
+    """An epoch to freeze from (1..), or never (stored as 0)."""
+    if v == "never":
+        return 0
+    try:
+        return positive_int(v)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected an epoch (1, 2, ...) or never, got {v!r}") from None
+
+
+max_sparsity = typed(float, lambda x: 0 < x <= 1, "a share of a layer's weights in (0, 1], e.g. 0.95")
+
+
 def add_compression_args(p):
-    """--prune, --prune-schedule, --prune-scope, --quant, --quant-first-last (docs/compression.md)."""
+    """--prune, --prune-schedule, --prune-scope, --prune-exclude, --prune-max-sparsity, --quant,
+    --quant-first-last, --quant-method, --qat-freeze-observers, --qat-freeze-bn (docs/compression.md)."""
     g = p.add_argument_group("compression (docs/compression.md)")
     g.add_argument("--prune", type=sparsity, default=None, metavar="SPARSITY",
                    help="magnitude-prune conv, linear and head weights to this sparsity (e.g. 0.5), on the "
@@ -67,31 +82,79 @@ def add_compression_args(p):
     g.add_argument("--prune-schedule", type=positive_int, nargs=2, default=None, metavar=("START", "END"),
                    help="epochs over which the sparsity rises from 0 to --prune (default: 1 to two "
                         "thirds of the run); the best checkpoint comes from epoch END on")
-    g.add_argument("--prune-scope", choices=("global", "layer"), default=None,
-                   help="global: one magnitude threshold for all layers (default); layer: every layer "
-                        "pruned to the same sparsity")
+    g.add_argument("--prune-scope", choices=compress.SCOPES, default=None,
+                   help="global: one |w| threshold for all layers; global-bn: one threshold on |w| x the "
+                        "gamma/sigma of the BatchNorm after it; global-lamp: one threshold on LAMP scores; "
+                        f"layer: every layer to the same sparsity (default {compress.DEFAULT_SCOPE}, the best "
+                        "measured by bench/compression_quality.py)")
+    g.add_argument("--prune-exclude", nargs="+", default=None, metavar="NAME|GROUP",
+                   help="layers left dense: groups (" + ", ".join(compress.GROUPS) + "), layer or module "
+                        f"names, or none (default: {' '.join(compress.DEFAULT_EXCLUDE)})")
+    g.add_argument("--prune-max-sparsity", type=max_sparsity, default=None, metavar="SHARE",
+                   help=f"no layer pruned past this share of its weights (default {compress.MAX_SPARSITY:g}); "
+                        "every output unit keeps one weight whatever it is")
     g.add_argument("--quant", type=bit_width, nargs=2, default=None, metavar=("W", "A"),
                    help="quantisation-aware training: weights to W bits (per output channel), the inputs "
                         "of every conv and linear to A bits, e.g. 8 8 or 4 4")
     g.add_argument("--quant-first-last", type=bit_width, nargs=2, default=None, metavar=("W", "A"),
                    help="other widths for the first conv and the head (e.g. 8 8 with --quant 4 4)")
+    g.add_argument("--quant-method", choices=compress.METHODS, default=None,
+                   help="minmax: scales from the weights' max and a moving average of the inputs' range; "
+                        "lsq: learned step sizes (Esser et al. 2020) "
+                        f"(default {compress.DEFAULT_METHOD}, the best measured)")
+    g.add_argument("--qat-freeze-observers", type=freeze_epoch, default=None, metavar="EPOCH|never",
+                   help="min/max input ranges fixed from this epoch on "
+                        f"(default {compress.FREEZE_OBSERVERS_EPOCH or 'never'})")
+    g.add_argument("--qat-freeze-bn", type=freeze_epoch, default=None, metavar="EPOCH|never",
+                   help="BatchNorm normalises with its running statistics, and stops updating them, from this "
+                        f"epoch on (default {compress.FREEZE_BN_EPOCH or 'never'})")
     return g
 
 
+PRUNE_ONLY = ("prune_schedule", "prune_scope", "prune_exclude", "prune_max_sparsity")
+QUANT_ONLY = ("quant_first_last", "quant_method", "qat_freeze_observers", "qat_freeze_bn")
+
+
+def fill_compression_defaults(args):
+    """The library's defaults for what a compressed run leaves unsaid, written into its settings (so
+    a resume, and args.json, say what the run did even if a later version measures other defaults).
+    Settings of a compression the run does not do stay None: a dense run's settings are unchanged."""
+    if args.prune:
+        for key, value in (("prune_scope", compress.DEFAULT_SCOPE),
+                           ("prune_exclude", list(compress.DEFAULT_EXCLUDE)),
+                           ("prune_max_sparsity", compress.MAX_SPARSITY)):
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+        if args.prune_exclude == ["none"]:
+            args.prune_exclude = []
+    if args.quant:
+        for key, value in (("quant_method", compress.DEFAULT_METHOD),
+                           ("qat_freeze_observers", compress.FREEZE_OBSERVERS_EPOCH or 0),
+                           ("qat_freeze_bn", compress.FREEZE_BN_EPOCH or 0)):
+            if getattr(args, key, None) is None:
+                setattr(args, key, value)
+    return args
+
+
 def check_compression_args(parser, args):
-    """Flags that only make sense together; fills --prune-scope's default when pruning. A resumed run
-    takes its --prune and --quant from the run it continues, so what they pair with is checked once
-    they are inherited (engine.compression.check)."""
+    """Flags that only make sense together; fills the compression defaults (fill_compression_defaults).
+    A resumed run takes its --prune and --quant from the run it continues, so what they pair with is
+    checked once they are inherited (engine.compression.check)."""
     if not getattr(args, "resume", None):
-        if args.quant_first_last and not args.quant:
-            parser.error("--quant-first-last needs --quant W A (the widths of the other layers)")
-        if not args.prune and (args.prune_schedule or args.prune_scope):
-            parser.error("--prune-schedule and --prune-scope need --prune SPARSITY")
+        if not args.quant:
+            given = [k for k in QUANT_ONLY if getattr(args, k, None) is not None]
+            if given:
+                parser.error(f"--{given[0].replace('_', '-')} needs --quant W A (quantisation of the whole model)")
+        if not args.prune:
+            given = [k for k in PRUNE_ONLY if getattr(args, k, None) is not None]
+            if given:
+                parser.error(f"--{given[0].replace('_', '-')} needs --prune SPARSITY")
     if args.prune and args.prune_schedule and args.prune_schedule[1] < args.prune_schedule[0]:
         parser.error(f"argument --prune-schedule: the span ends (epoch {args.prune_schedule[1]}) before it "
                      f"starts (epoch {args.prune_schedule[0]})")
-    if args.prune and not args.prune_scope:
-        args.prune_scope = "global"
+    if args.prune_exclude and "none" in args.prune_exclude and len(args.prune_exclude) > 1:
+        parser.error("argument --prune-exclude: none stands alone (every layer pruned)")
+    fill_compression_defaults(args)
 
 
 def model_name(v):
