@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Accuracy and score of each compression recipe, on real CIFAR-100, from one dense model.
 
-    python bench/compression_quality.py --data_dir D                  # about 1.5-2 h on a 2-core CPU
+    python bench/compression_quality.py --data_dir D                  # about 1.5 h on an idle 2-core CPU
     python bench/compression_quality.py --data_dir D --quick --out /tmp/cq    # a few minutes
 
 1. A narrow efficientnet_ex (width 0.25, depth 0.34: the README's quick model) is trained dense
@@ -62,7 +62,7 @@ def sizes(quick):
         return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 1, "dense_images": 2000,
                 "dense_regime": "1 1 0.07", "epochs": 2, "images": 1000, "test_images": 2000}
     return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 4, "dense_images": 50000,
-            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 4, "images": 7500, "test_images": 10000}
+            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 4, "images": 5000, "test_images": 10000}
 
 
 def all_rows():

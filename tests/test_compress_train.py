@@ -285,13 +285,16 @@ def test_init_from_a_file_that_is_no_checkpoint_is_one_line(tmp_path, synthetic_
 # ----------------------------------------------------------------------------- kill and resume
 
 @pytest.mark.slow
-def test_a_killed_compressed_run_resumes_bit_exact(tmp_path, synthetic_dir):
-    """SIGKILL (os._exit) just after epoch 1's last.pytar (the resumed run prunes at epoch 2's start)
-    and just after epoch 2's mid-epoch one (it resumes with 50% masks): `--resume auto` ends with the
-    uninterrupted run's weights, masks and input ranges, and the pruned weights still zero."""
+@pytest.mark.parametrize("method", ["minmax", "lsq"])
+def test_a_killed_compressed_run_resumes_bit_exact(tmp_path, synthetic_dir, method):
+    """SIGKILL (os._exit) just after epoch 1's last.pytar (the resumed run prunes, and freezes the
+    observers, at epoch 2's start) and just after epoch 2's mid-epoch one (it resumes with 50% masks
+    and frozen observers): `--resume auto` ends with the uninterrupted run's weights, masks, input
+    grids, learned steps and optimizer state, frozen as that run froze, the pruned weights still zero."""
     from test_crash import killed_run, uninterrupted
     flags = ["--epochs", 3, "--lr-regime", 1, 3, 0.05, "--checkpoint-every", 2, "--prune", 0.5,
-             "--prune-schedule", 1, 2, "--quant", 4, 8, "--resume", "auto"]
+             "--prune-schedule", 1, 2, "--quant", 4, 8, "--quant-method", method, "--qat-freeze-observers", 2,
+             "--qat-freeze-bn", 3, "--resume", "auto"]
     uninterrupted("train.py", quick(synthetic_dir, tmp_path / "ref", *flags), tmp_path / "renames.txt")
     ref = checkpoint.load_file(os.path.join(run_dir(tmp_path / "ref"), "last.pytar"))
     for nth in (2, 3):
@@ -307,8 +310,13 @@ def test_a_killed_compressed_run_resumes_bit_exact(tmp_path, synthetic_dir):
         assert_same_weights(ref["model"], got["model"])
         assert_same_weights(ref["pruner"]["masks"], got["pruner"]["masks"])
         for layer, entry in ref["compression"]["layers"].items():
-            for key in ("act_min", "act_max", "act_scale", "act_zero_point"):
-                assert torch.equal(entry[key], got["compression"]["layers"][layer][key]), (layer, key)
+            for key in ("act_min", "act_max", "act_scale", "act_zero_point", "weight_step"):
+                if key in entry:
+                    assert torch.equal(entry[key], got["compression"]["layers"][layer][key]), (layer, key)
+        assert got["qat"] == ref["qat"] and got["qat"]["batchnorm_frozen"]
+        assert got["qat"]["observers_frozen"] == (method == "minmax")   # LSQ has no observer to freeze
+        for a, b in zip(ref["optimizer"]["state"].values(), got["optimizer"]["state"].values()):
+            assert torch.equal(a["momentum_buffer"], b["momentum_buffer"])
         assert_pruned_zero(got["model"], got["pruner"]["masks"])
         assert got["history"][-1]["sparsity"] == ref["history"][-1]["sparsity"]
 
@@ -401,3 +409,123 @@ def test_init_from_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, synthet
     # The file says which model it holds: the contradicting flag is named, with the file's model.
     assert len(err) == 1 and err[0].startswith("error: --width-mult: width 0.2 contradicts "), err
     assert "a checkpoint of efficientnet_ex (width 0.1, depth 0.1, cosine head)" in err[0], err
+
+
+# ----------------------------------------------------------------------------- the QAT schedule in a run
+
+@pytest.fixture(scope="module")
+def frozen_run(tmp_path_factory, synthetic_dir):
+    """Three epochs of W4/A8 min/max QAT pruned to 50%: observers frozen from epoch 2, BatchNorm
+    statistics from epoch 3."""
+    save = tmp_path_factory.mktemp("frozen")
+    r = run_train(quick(synthetic_dir, save, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
+                        "--quant", 4, 8, "--quant-method", "minmax", "--qat-freeze-observers", 2,
+                        "--qat-freeze-bn", 3, "--precise-bn", "off"))
+    assert r["exit_code"] == 0
+    return r
+
+
+def test_observers_and_batchnorm_freeze_at_their_epochs_in_a_run(frozen_run):
+    folder = frozen_run["folder"]
+    states = {e: checkpoint.load_file(os.path.join(folder, f"model_state_{e:02}.pytar")) for e in (1, 2, 3)}
+    log = open(os.path.join(folder, "log.txt")).read()
+    assert "epoch 2: QAT froze the input observers" in log and "epoch 3: QAT froze the BatchNorm statistics" in log
+    assert "freezing observers from epoch 2, BatchNorm statistics from epoch 3" in log
+
+    def ranges(e):
+        return {n: (float(x["act_min"]), float(x["act_max"])) for n, x in states[e]["compression"]["layers"].items()
+                if x.get("act_min") is not None}
+
+    # Observed through epoch 1, then frozen: the ranges at the end of epochs 1, 2 and 3 are one.
+    assert ranges(1) == ranges(2) == ranges(3)
+    # BatchNorm statistics moved in epochs 1 and 2 and stood still in epoch 3, while the weights trained.
+    stats = {e: {k: v for k, v in weights_of(states[e]).items() if k.endswith(("running_mean", "running_var"))}
+             for e in states}
+    assert any(not torch.equal(stats[1][k], stats[2][k]) for k in stats[1])
+    assert all(torch.equal(stats[2][k], stats[3][k]) for k in stats[2])
+    w2, w3 = weights_of(states[2]), weights_of(states[3])
+    assert any(not torch.equal(w2[k], w3[k]) for k in w2 if k.endswith(".weight"))
+    last = checkpoint.load_file(os.path.join(folder, "last.pytar"))
+    assert last["qat"]["observers_frozen"] and last["qat"]["batchnorm_frozen"]
+    assert last["compression"]["qat"]["observers_epoch"] == 2
+
+
+def test_precise_batchnorm_stops_once_the_statistics_are_frozen(tmp_path, synthetic_dir):
+    r = run_train(quick(synthetic_dir, tmp_path, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--quant", 8, 8,
+                        "--qat-freeze-bn", 3, "--precise-bn", 2))
+    assert r["exit_code"] == 0
+    rows = [line for line in open(os.path.join(r["folder"], "log.txt")).read().splitlines()
+            if line.startswith("epoch ") and "/3 lr" in line]
+    assert ["precise BN" in row for row in rows] == [True, True, False]
+
+
+def test_learned_steps_train_without_weight_decay_in_their_own_group(compressed_run):
+    """--quant 8 8 takes the default quantiser (LSQ): its steps are the optimizer's second group, without
+    weight decay; the weights' group keeps the run's."""
+    assert compress.DEFAULT_METHOD == "lsq"
+    last = checkpoint.load_file(os.path.join(compressed_run["folder"], "last.pytar"))
+    groups = last["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
+    model = plain_model()
+    compress.quantize(model, 8, 8, method="lsq")
+    steps = compress.step_sizes(model)
+    assert len(groups[1]["params"]) == len(steps) and len(groups[0]["params"]) == len(list(model.parameters())) - len(steps)
+    entries = last["compression"]["layers"].values()
+    assert {e["method"] for e in entries} == {"lsq"} and all(e["weight_step"] is not None for e in entries)
+    assert last["compression"]["format"] == compress.RECORD_FORMAT_LSQ
+
+
+def test_a_dense_run_keeps_one_optimizer_group_and_its_settings(tmp_path, synthetic_dir):
+    args = parse_config(quick(synthetic_dir, tmp_path))
+    assert (args.prune_scope, args.prune_exclude, args.quant_method, args.qat_freeze_bn) == (None,) * 4
+    args = parse_config(quick(synthetic_dir, tmp_path, "--prune", 0.5, "--prune-exclude", "none", "--quant", 4, 4,
+                              "--qat-freeze-observers", "never"))
+    assert (args.prune_exclude, args.prune_max_sparsity, args.quant_method, args.qat_freeze_observers,
+            args.qat_freeze_bn) == ([], compress.MAX_SPARSITY, compress.DEFAULT_METHOD, 0,
+                                    compress.FREEZE_BN_EPOCH)
+    model = plain_model()
+    assert not isinstance(compression.param_groups(model), list)   # model.parameters(), as ever
+
+
+def test_exclusions_and_the_limit_reach_the_pruner_from_the_flags(tmp_path, synthetic_dir):
+    r = run_train(quick(synthetic_dir, tmp_path, "--epochs", 1, "--lr-regime", 1, 1, 0.05, "--prune", 0.6,
+                        "--prune-schedule", 1, 1, "--prune-exclude", "stem", "depthwise", "--prune-max-sparsity",
+                        "0.7", "--prune-scope", "global"))
+    assert r["exit_code"] == 0
+    last = checkpoint.load_file(os.path.join(r["folder"], "last.pytar"))
+    model = plain_model()
+    dense = set(compress.resolve_exclude(model, ["stem", "depthwise"]))
+    masks = last["pruner"]["masks"]
+    assert dense and not dense & set(masks)
+    assert "classifier.0" in masks                   # the head is pruned once the exclusions leave it in
+    assert max(float((~m).float().mean()) for m in masks.values()) <= 0.7 + 1e-9
+    log = open(os.path.join(r["folder"], "log.txt")).read()
+    assert "epoch 1: pruned 60.0% of" in log and "none past 70%" in log
+
+
+def test_count_py_and_test_py_name_layers_with_only_zero_weights(compressed_run, synthetic_dir, tmp_path):
+    path = os.path.join(compressed_run["folder"], "model_best.pytar")
+    obj = checkpoint.load_file(path)
+    state = dict(weights_of(obj))
+    state["features.1.conv.2.weight"] = torch.zeros_like(state["features.1.conv.2.weight"])
+    broken = str(tmp_path / "broken.pytar")
+    extra = {k: v for k, v in obj.items() if k not in ("format", "model", "arch", "checksum")}
+    checkpoint.save_atomic(checkpoint.weights_file(plain_model(), state=state, **extra), broken)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        count_command.main(["--rules", "micronet", "--width-mult", "0.1", "--depth-mult", "0.1",
+                            "--model-state-file", broken, "--json", str(tmp_path / "c.json")])
+    assert "1 layer(s) have only zero weights: features.1.conv.2" in out.getvalue()
+    assert "this score describes a broken model" in out.getvalue()
+    assert json.load(open(tmp_path / "c.json"))["empty_layers"] == ["features.1.conv.2"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        test_script.main(["--width-mult", "0.1", "--depth-mult", "0.1", "--model-state-file", broken,
+                          "--data_dir", synthetic_dir, "--no-download", "--test-limit", "50", "--device", "cpu"])
+    assert "only zero weights: features.1.conv.2" in out.getvalue()
+    # The unbroken file names none.
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        count_command.main(["--rules", "micronet", "--width-mult", "0.1", "--depth-mult", "0.1",
+                            "--model-state-file", path])
+    assert "only zero weights" not in out.getvalue()
