@@ -5,8 +5,9 @@
     python bench/compression_quality.py --data_dir D --quick --out /tmp/cq    # a few minutes
 
 1. A narrow efficientnet_ex (width 0.25, depth 0.34: the README's quick model) is trained dense
-   once with train.py's Trainer and kept under OUT/runs/dense (a rerun reuses it, and every
-   finished row: the benchmark resumes where it stopped).
+   once with train.py's Trainer and kept under OUT/runs/dense; each row's run goes to
+   OUT/rows/NAME. A rerun reuses the dense model and every finished row (resume auto): the
+   benchmark continues where it stopped.
 2. Every recipe fine-tunes that model with the same budget: the same epochs, the same training
    images, the fine-tuning LR regime of train.py --init-from, distilled (label refinery) from the
    same dense teacher. Pruning follows the default span (the first two thirds of the epochs), QAT
@@ -224,7 +225,7 @@ def main(argv=None):
     for name in names:
         settings = settings_of(every[name])
         t0 = time.perf_counter()
-        cfg = run_config(size, args.data_dir, os.path.join(args.out, "runs", name),
+        cfg = run_config(size, args.data_dir, os.path.join(args.out, "rows", name),
                          init_from=teacher, epochs=size["epochs"], train_limit=size["images"],
                          label_refinery_model=MODEL, label_refinery_state_file=teacher,
                          label_refinery_width_mult=size["width_mult"], label_refinery_depth_mult=size["depth_mult"],
