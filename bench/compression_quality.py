@@ -59,11 +59,15 @@ METHODS = compress.METHODS
 
 def sizes(quick):
     """The budget: the dense model's training, each recipe's fine-tune, the test images."""
+    # The dense model trains with the original entry's augmentation (three copies of each image an
+    # epoch); the fine-tunes with one copy (standard: crop and flip), so that their budget is spent
+    # on distinct images. The dense run stops after 2 epochs of its regime (its LR never decays).
     if quick:
         return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 1, "dense_images": 2000,
-                "dense_regime": "1 1 0.07", "epochs": 2, "images": 1000, "test_images": 2000}
-    return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 4, "dense_images": 50000,
-            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 4, "images": 5000, "test_images": 10000}
+                "dense_regime": "1 1 0.07", "epochs": 2, "images": 1000, "aug": "standard", "test_images": 2000}
+    return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 2, "dense_images": 50000,
+            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 4, "images": 6000, "aug": "standard",
+            "test_images": 10000}
 
 
 def all_rows():
@@ -122,7 +126,7 @@ def flags_of(settings):
 
 def run_config(size, data_dir, save, **changes):
     base = dict(model=MODEL, width_mult=size["width_mult"], depth_mult=size["depth_mult"], data_dir=data_dir,
-                no_download=False, save=save, resume="auto", seed=0, no_progress=True, device="cpu",
+                no_download=False, save=save, resume="auto", seed=0, no_progress=True, device=size["device"],
                 test_limit=min(size["test_images"], 1000), precise_bn="off")
     return RunConfig(**{**base, **changes})
 
@@ -156,7 +160,7 @@ def measure(path, size, data_dir):
     args = argparse.Namespace(model=MODEL, coslinear=True, width_mult=size["width_mult"],
                               depth_mult=size["depth_mult"], s=RunConfig.s, amp=None, eval_batch_size=500,
                               test_limit=size["test_images"], data_dir=data_dir, no_download=True)
-    ctx = distributed.Context(device=torch.device("cpu"))
+    ctx = distributed.Context(device=distributed.pick_device(size["device"]))
     r, model, meta = evaluate_checkpoint(args, path, ctx)
     record = meta.get("compression")
     score = torchscope.count(model, rules="micronet", compression=record).score()
@@ -203,12 +207,19 @@ def build_parser():
     p.add_argument("--rows", type=common.one_of(tuple(all_rows())), default=None,
                    help="only these rows (comma-separated; the dense baseline always runs)")
     p.add_argument("--quiet", action="store_true", help="the runs' logs go to their log.txt only")
+    p.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--width-mult", type=cli_args.multiplier, default=None,
+                   help="another width for the model (a GPU: 1 for the full ex)")
+    p.add_argument("--depth-mult", type=cli_args.multiplier, default=None)
     return p
 
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    size = sizes(args.quick)
+    size = {**sizes(args.quick), "device": args.device}
+    for key in ("width_mult", "depth_mult"):
+        if getattr(args, key) is not None:
+            size[key] = getattr(args, key)
     every = all_rows()
     names = list(args.rows or (QUICK_ROWS if args.quick else every))
     if "dense" not in names:
@@ -226,7 +237,7 @@ def main(argv=None):
         settings = settings_of(every[name])
         t0 = time.perf_counter()
         cfg = run_config(size, args.data_dir, os.path.join(args.out, "rows", name),
-                         init_from=teacher, epochs=size["epochs"], train_limit=size["images"],
+                         init_from=teacher, epochs=size["epochs"], train_limit=size["images"], aug=size["aug"],
                          label_refinery_model=MODEL, label_refinery_state_file=teacher,
                          label_refinery_width_mult=size["width_mult"], label_refinery_depth_mult=size["depth_mult"],
                          **settings)

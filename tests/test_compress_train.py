@@ -54,10 +54,11 @@ def assert_pruned_zero(state, masks):
 
 @pytest.fixture(scope="module")
 def compressed_run(tmp_path_factory, synthetic_dir):
-    """Three epochs pruned on the cubic schedule over epochs 1..3 to 50% (global), with 8-bit QAT."""
+    """Three epochs pruned on the cubic schedule over epochs 1..3 to 50% (the default scope), with 8-bit
+    QAT by learned step sizes."""
     save = tmp_path_factory.mktemp("compressed")
     r = run_train(quick(synthetic_dir, save, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
-                        "--prune-schedule", 1, 3, "--quant", 8, 8))
+                        "--prune-schedule", 1, 3, "--quant", 8, 8, "--quant-method", "lsq"))
     assert r["exit_code"] == 0
     return r
 
@@ -460,9 +461,8 @@ def test_precise_batchnorm_stops_once_the_statistics_are_frozen(tmp_path, synthe
 
 
 def test_learned_steps_train_without_weight_decay_in_their_own_group(compressed_run):
-    """--quant 8 8 takes the default quantiser (LSQ): its steps are the optimizer's second group, without
-    weight decay; the weights' group keeps the run's."""
-    assert compress.DEFAULT_METHOD == "lsq"
+    """LSQ's steps are the optimizer's second group, without weight decay; the weights' group keeps the
+    run's."""
     last = checkpoint.load_file(os.path.join(compressed_run["folder"], "last.pytar"))
     groups = last["optimizer"]["param_groups"]
     assert [g["weight_decay"] for g in groups] == [1e-4, 0.0]
@@ -529,3 +529,21 @@ def test_count_py_and_test_py_name_layers_with_only_zero_weights(compressed_run,
         count_command.main(["--rules", "micronet", "--width-mult", "0.1", "--depth-mult", "0.1",
                             "--model-state-file", path])
     assert "only zero weights" not in out.getvalue()
+
+
+def test_a_teacher_computes_with_the_learned_steps_of_its_file(compressed_run):
+    """An LSQ-compressed checkpoint as a teacher: refinery.load_teacher gives it its record (learned
+    steps, input grids, masks), so its outputs are test.py's, not the plain weights'."""
+    import refinery
+    path = os.path.join(compressed_run["folder"], "model_best.pytar")
+    teacher, meta = refinery.load_teacher("efficientnet_ex", path, **ARCH)
+    assert {m.method for m in compress.quantised_layers(teacher).values()} == {"lsq"}
+    evaluated = plain_model()
+    checkpoint.load_weights(evaluated, path)
+    plain = plain_model()
+    checkpoint.fit_state_dict(plain, weights_of(checkpoint.load_file(path)), path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        out = teacher(x)
+        assert torch.equal(out, evaluated.eval()(x))
+        assert not torch.equal(out, plain.eval()(x))
