@@ -128,7 +128,10 @@ def run_config(size, data_dir, save, **changes):
     base = dict(model=MODEL, width_mult=size["width_mult"], depth_mult=size["depth_mult"], data_dir=data_dir,
                 no_download=False, save=save, resume="auto", seed=0, no_progress=True, device=size["device"],
                 test_limit=min(size["test_images"], 1000), precise_bn="off")
-    return RunConfig(**{**base, **changes})
+    settings = {**base, **changes}
+    # Every setting counts as given: a resumed (or finished) run takes the benchmark's epochs, not the
+    # ones it was saved with, and a run saved with other settings is refused, not silently reused.
+    return RunConfig(**settings, given=tuple(k for k in settings if k != "resume"))
 
 
 def run(cfg, quiet):
@@ -137,9 +140,8 @@ def run(cfg, quiet):
     out = io.StringIO() if quiet else contextlib.nullcontext()
     with contextlib.redirect_stdout(out) if quiet else contextlib.nullcontext():
         result = train(cfg)
-    if result.get("exit_code"):
-        raise errors.RunError(f"the run in {cfg.save} stopped (exit code {result['exit_code']}); rerun the "
-                              "benchmark to continue it")
+    if result.get("exit_code") or result.get("stopped"):
+        raise errors.RunError(f"the run in {cfg.save} was stopped; rerun the benchmark to continue it")
     return result
 
 

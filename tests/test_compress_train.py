@@ -426,6 +426,7 @@ def frozen_run(tmp_path_factory, synthetic_dir):
     return r
 
 
+@pytest.mark.slow
 def test_observers_and_batchnorm_freeze_at_their_epochs_in_a_run(frozen_run):
     folder = frozen_run["folder"]
     states = {e: checkpoint.load_file(os.path.join(folder, f"model_state_{e:02}.pytar")) for e in (1, 2, 3)}
@@ -451,6 +452,7 @@ def test_observers_and_batchnorm_freeze_at_their_epochs_in_a_run(frozen_run):
     assert last["compression"]["qat"]["observers_epoch"] == 2
 
 
+@pytest.mark.slow
 def test_precise_batchnorm_stops_once_the_statistics_are_frozen(tmp_path, synthetic_dir):
     r = run_train(quick(synthetic_dir, tmp_path, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--quant", 8, 8,
                         "--qat-freeze-bn", 3, "--precise-bn", 2))
@@ -487,6 +489,7 @@ def test_a_dense_run_keeps_one_optimizer_group_and_its_settings(tmp_path, synthe
     assert not isinstance(compression.param_groups(model), list)   # model.parameters(), as ever
 
 
+@pytest.mark.slow
 def test_exclusions_and_the_limit_reach_the_pruner_from_the_flags(tmp_path, synthetic_dir):
     r = run_train(quick(synthetic_dir, tmp_path, "--epochs", 1, "--lr-regime", 1, 1, 0.05, "--prune", 0.6,
                         "--prune-schedule", 1, 1, "--prune-exclude", "stem", "depthwise", "--prune-max-sparsity",
