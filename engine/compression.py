@@ -68,7 +68,7 @@ def check(cfg):
         raise errors.ConfigError("a pruning span, scope, exclusion or limit needs a target sparsity",
                                  setting="prune_schedule")
     if not cfg.quant and (cfg.quant_method or cfg.qat_freeze_observers or cfg.qat_freeze_bn):
-        raise errors.ConfigError("a quantiser or a QAT freeze epoch needs quantisation (--quant W A)",
+        raise errors.ConfigError("a quantiser or a QAT freeze epoch needs quantisation of the whole model",
                                  setting="quant_method")
     if cfg.quant and cfg.activation_checkpointing:
         raise errors.ConfigError("recomputing each block in the backward pass cannot be combined with "
@@ -77,7 +77,7 @@ def check(cfg):
 
 
 def make_pruner(net, optimizer, cfg, span):
-    """The run's pruner (None without --prune) on the cubic schedule over `span` (start, end),
+    """The run's pruner (None without a target sparsity) on the cubic schedule over `span` (start, end),
     attached to the optimizer: scope, exclusions and the layer limit as the run says, the library's
     defaults where it is silent (an older run's saved settings)."""
     if not cfg.prune:
@@ -105,9 +105,9 @@ def step_pruner(pruner, epoch, log):
         def why(r):
             return f"max {100 * pruner.max_sparsity:g}%" if r["reason"] == "max_sparsity" else "1 weight per unit"
         shown = ", ".join(f"{r['name']} {100 * r['sparsity']:.1f}% ({why(r)})" for r in new)
-        log(f"warning: {len(new)} layer(s) reached their pruning limit (--prune-max-sparsity "
-            f"{pruner.max_sparsity:g}, one weight kept per output unit), the other layers take the rest of "
-            f"the target: {shown}")
+        log(f"warning: {len(new)} layer(s) reached their pruning limit (at most {pruner.max_sparsity:g} of a "
+            f"layer's weights, one weight kept per output unit), the other layers take the rest of the "
+            f"target: {shown}")
 
 
 def check_span(pruner, epochs, setting):
@@ -121,6 +121,16 @@ def check_span(pruner, epochs, setting):
 
 def is_compressed(net, pruner):
     return pruner is not None or bool(compress.quantised_layers(net))
+
+
+def saved_state(net, pruner, qat=None):
+    """What a compressed run's last.pytar holds besides the training state: the compression record,
+    the pruner's state and the QAT schedule's; {} for a dense run."""
+    rec = record(net, pruner, qat)
+    if rec is None:
+        return {}
+    return {"compression": rec, "pruner": pruner.state_dict() if pruner else None,
+            "qat": qat.state_dict() if qat else None}
 
 
 def record(net, pruner, qat=None):

@@ -121,9 +121,11 @@ def reconcile(folder, saved, keep_epoch_states):
 
 
 class CheckpointSaver:
-    def __init__(self, folder, net, optimizer, scaler, cfg, ctx, log, pruner=None, qat=None):
+    def __init__(self, folder, net, optimizer, scaler, cfg, ctx, log, compressed=(None, None)):
+        """`compressed`: the run's (pruner, QAT schedule), each None when the run does not do it."""
         self.folder, self.net, self.optimizer, self.scaler = folder, net, optimizer, scaler
-        self.cfg, self.ctx, self.log, self.pruner, self.qat = cfg, ctx, log, pruner, qat
+        self.cfg, self.ctx, self.log = cfg, ctx, log
+        self.pruner, self.qat = compressed
         self.refined = cfg.refined
 
     def path(self, name):
@@ -131,14 +133,10 @@ class CheckpointSaver:
 
     def training_state(self, state, eval_bn=None, test=None):
         """The content of last.pytar; a compressed run's also holds its compression record (bits,
-        input grids, learned steps, masks), the pruner's state and the QAT schedule's. At an epoch's end it keeps the epoch's
-        evaluation (`test`): with the weights and `eval_bn`, all that the epoch's weights files hold
+        input grids, learned steps, masks), the pruner's state and the QAT schedule's. At an epoch's
+        end it keeps the epoch's evaluation (`test`): with the weights and `eval_bn`, all that the epoch's weights files hold
         (epoch_weights)."""
-        extra = {}
-        record = compression.record(self.net, self.pruner, self.qat)
-        if record is not None:
-            extra = {"compression": record, "pruner": self.pruner.state_dict() if self.pruner else None,
-                     "qat": self.qat.state_dict() if self.qat else None}
+        extra = compression.saved_state(self.net, self.pruner, self.qat)
         return checkpoint.with_checksum({
             "format": checkpoint.FORMAT,
             "model": checkpoint.bare_state(self.net),

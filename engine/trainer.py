@@ -139,7 +139,7 @@ class Trainer:
             self.check_position(len(train_loader))
 
             folder = self.open_folder(folder, lock, saved)
-            self.saver = saver = CheckpointSaver(folder, net, optimizer, scaler, cfg, ctx, log, pruner, qat)
+            self.saver = saver = CheckpointSaver(folder, net, optimizer, scaler, cfg, ctx, log, (pruner, qat))
             if saved is not None:  # a kill may have come between last.pytar and its derived files
                 saver.refresh(state)
             criterion = make_criterion(cfg.coslinear, cfg.s, cfg.m, cfg.label_smoothing)
