@@ -12,7 +12,8 @@
    images, the fine-tuning LR regime of train.py --init-from, distilled (label refinery) from the
    same dense teacher. Pruning follows the default span (the first two thirds of the epochs), QAT
    its schedule (observers frozen from epoch 2, BatchNorm statistics from epoch 3, unless a row
-   says otherwise).
+   says otherwise), precise BatchNorm the run's default (auto: recomputed before each evaluation
+   of a compressed run).
 3. Each recipe's last-epoch weights file is evaluated as test.py evaluates it (its compression
    record applied, float32 numerics) on all 10,000 test images (--quick: the first 2,000), and
    counted as count.py counts it: the score the MicroNet rules allow. The sparsest layer is read
@@ -21,7 +22,7 @@
 
 Rows (names in --rows): dense (the baseline fine-tune); prune{50,75,90}-SCOPE for every scope;
 w8a8-METHOD and w4a4-METHOD (8-bit first and last layers) for minmax and lsq; w4a4-METHOD-prune75-SCOPE
-for every method and scope; and w4a4-METHOD-prune75-global-bn-nofreeze (QAT without freezing).
+for every method and scope; and w4a4-lsq-prune75-global-bn-nofreeze (QAT without freezing).
 
 Writes OUT/compression-quality.json after every row (the machine, the settings, each row with its
 command-line equivalent) and OUT/table.md, the README's table: rows by score, with the best
@@ -66,7 +67,7 @@ def sizes(quick):
         return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 1, "dense_images": 2000,
                 "dense_regime": "1 1 0.07", "epochs": 2, "images": 1000, "aug": "standard", "test_images": 2000}
     return {"width_mult": 0.25, "depth_mult": 0.34, "dense_epochs": 2, "dense_images": 50000,
-            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 4, "images": 6000, "aug": "standard",
+            "dense_regime": "1 3 0.07 4 4 0.007", "epochs": 3, "images": 4000, "aug": "standard",
             "test_images": 10000}
 
 
@@ -77,9 +78,8 @@ def all_rows():
     for method in METHODS:
         for scope in SCOPES:
             rows[f"w4a4-{method}-prune75-{scope}"] = {**quant(4, method), "prune": 0.75, "prune_scope": scope}
-        rows[f"w4a4-{method}-prune75-global-bn-nofreeze"] = {**quant(4, method), "prune": 0.75,
-                                                             "prune_scope": "global-bn", "qat_freeze_observers": 0,
-                                                             "qat_freeze_bn": 0}
+    rows["w4a4-lsq-prune75-global-bn-nofreeze"] = {**quant(4, "lsq"), "prune": 0.75, "prune_scope": "global-bn",
+                                                   "qat_freeze_observers": 0, "qat_freeze_bn": 0}
     for target in (0.5, 0.75, 0.9):
         for scope in SCOPES:
             rows[f"prune{round(100 * target)}-{scope}"] = {"prune": target, "prune_scope": scope}
@@ -127,7 +127,7 @@ def flags_of(settings):
 def run_config(size, data_dir, save, **changes):
     base = dict(model=MODEL, width_mult=size["width_mult"], depth_mult=size["depth_mult"], data_dir=data_dir,
                 no_download=False, save=save, resume="auto", seed=0, no_progress=True, device=size["device"],
-                test_limit=min(size["test_images"], 1000), precise_bn="off")
+                test_limit=min(size["test_images"], 1000))
     settings = {**base, **changes}
     # Every setting counts as given: a resumed (or finished) run takes the benchmark's epochs, not the
     # ones it was saved with, and a run saved with other settings is refused, not silently reused.

@@ -44,10 +44,20 @@ def make_qat(net, cfg):
                                 batchnorm_epoch=cfg.qat_freeze_bn or None)
 
 
+def thaw_batchnorm(net):
+    """Let frozen BatchNorms run in training mode for a moment (refreeze_batchnorm undoes it)."""
+    compress.freeze_batchnorm(net, frozen=False)
+
+
+def refreeze_batchnorm(net):
+    compress.freeze_batchnorm(net)
+
+
 def step_qat(qat, epoch, log):
-    """At the start of an epoch: freeze what the schedule says, and log what froze now."""
+    """At the start of an epoch: freeze what the schedule says, and log what froze now. Returns
+    whether anything froze."""
     if qat is None:
-        return
+        return False
     before = qat.frozen()
     after = qat.step(epoch)
     now = [what for key, what in (("observers", "input observers (min/max ranges fixed)"),
@@ -55,6 +65,7 @@ def step_qat(qat, epoch, log):
            if after[key] and not before[key]]
     if now:
         log(f"epoch {epoch}: QAT froze the {' and the '.join(now)}")
+    return bool(now)
 
 
 def check(cfg):
@@ -90,14 +101,15 @@ def make_pruner(net, optimizer, cfg, span):
 
 def step_pruner(pruner, epoch, log):
     """At the start of an epoch: prune to the schedule; after a step that pruned more, log the sparsest
-    layers, and warn (one line) for the layers that reached their limit this epoch."""
+    layers, and warn (one line) for the layers that reached their limit this epoch. Returns whether
+    it pruned more."""
     if pruner is None:
-        return
+        return False
     before = pruner.sparsity()
     limited = {r["name"] for r in pruner.report(top=0)["at_limit"]}
     pruner.step(epoch)
     if pruner.sparsity() == before:
-        return
+        return False
     report = pruner.report(top=3)
     log(f"epoch {epoch}: {compress.report_text(report)}")
     new = [r for r in report["at_limit"] if r["name"] not in limited]
@@ -108,6 +120,7 @@ def step_pruner(pruner, epoch, log):
         log(f"warning: {len(new)} layer(s) reached their pruning limit (at most {pruner.max_sparsity:g} of a "
             f"layer's weights, one weight kept per output unit), the other layers take the rest of the "
             f"target: {shown}")
+    return True
 
 
 def check_span(pruner, epochs, setting):

@@ -93,6 +93,7 @@ class Trainer:
         self.log = self.stop = self.saver = self.state = None
         self.speed = None
         self.qat = None   # the QAT schedule (compress.QATSchedule) of a quantised run
+        self.compressed = False
         self.epochs, self.test_images, self.precise_batches = 0, 0, 0
         # Steps per second of an epoch that ended before the early ETA was due: announced once its
         # evaluation has run, with that evaluation's measured time.
@@ -133,6 +134,7 @@ class Trainer:
                                        cfg.weight_decay, fused=self.speed.fused_optimizer)
             pruner = compression.make_pruner(net, optimizer, cfg, cfg.prune_schedule or default_prune_span(epochs))
             self.qat = qat = compression.make_qat(net, cfg)
+            self.compressed = compression.is_compressed(net, pruner)
             scaler = torch.amp.GradScaler("cuda", enabled=self.speed.amp == "fp16")
             self.state = state = restore(saved, net, optimizer, scaler, pruner, folder, qat) if saved else RunState()
             compression.check_span(pruner, epochs, "prune_schedule" if "prune_schedule" in cfg.given else "epochs")
@@ -155,7 +157,8 @@ class Trainer:
             if teacher is not None:
                 self.report_teacher(teacher_forward, test_loader, autocast)
             self.test_images = test_loader.stop - test_loader.start
-            self.precise_batches = precise_bn.batches_for(cfg.precise_bn, net, cfg.batch_size, len(train_loader))
+            self.precise_batches = precise_bn.batches_for(cfg.precise_bn, net, cfg.batch_size, len(train_loader),
+                                                          compression.is_compressed(net, pruner))
             if self.agreed_stop():
                 return self.stopped()
             if ctx.device.type == "cpu":  # a CPU step can take minutes: an estimate now, measured later
@@ -164,8 +167,10 @@ class Trainer:
             for epoch in range(state.next_epoch, epochs + 1):
                 lr = set_lr(optimizer, lr_at(regime, epoch) * lr_factor)
                 # The schedule's sparsity and freezes for this epoch (once: a resumed epoch keeps them).
-                compression.step_pruner(pruner, epoch, log)
-                compression.step_qat(qat, epoch, log)
+                pruned = compression.step_pruner(pruner, epoch, log)
+                froze = compression.step_qat(qat, epoch, log)
+                if qat is not None and qat.frozen()["batchnorm"] and (froze or pruned):
+                    self.refreeze_statistics(net, train_loader, epoch, autocast)
                 stats = self.train_one_epoch(parts, train_loader, epoch)
                 if stats is None:  # stopped by a signal; last.pytar holds the position
                     return self.stopped()
@@ -290,11 +295,29 @@ class Trainer:
         set_rng_state(partial["rng"][ctx.rank], ctx.device)
         return Meter(ctx.device, partial["sums"]), state.next_step, partial["seconds"]
 
+    def refreeze_statistics(self, net, loader, epoch, autocast):
+        """BatchNorm statistics about to be frozen, or frozen while pruning changed the weights under
+        them, are first recomputed from this epoch's batches with the current weights and made the
+        model's own: frozen statistics are what the network trains and is evaluated with, so they
+        must describe these weights, not those of before the last pruning step. Deterministic (the
+        epoch's own batches), and saved with the model, so a resumed run has them."""
+        n = precise_bn.batches_for("auto", net, self.cfg.batch_size, len(loader), compressed=True)
+        loader.set_epoch(epoch)
+        batches = (xy for _, xy in zip(range(n), loader.iterate(0)))
+        compression.thaw_batchnorm(net)
+        try:
+            precise_bn.write(net, precise_bn.recompute(net, batches, autocast))
+        finally:
+            compression.refreeze_batchnorm(net)
+        self.log(f"epoch {epoch}: frozen BatchNorm statistics recomputed from {n * self.cfg.batch_size} "
+                 "training images with the current weights")
+
     def precise_stats(self, net, loader, autocast):
         """BatchNorm statistics recomputed for this epoch's evaluation, or {} (engine.precise_bn):
         with --precise-bn auto only while the running statistics still hold over 1% of their
         initialisation, which the original recipe's 70 epochs never do after their first."""
-        n = precise_bn.batches_for(self.cfg.precise_bn, net, self.cfg.batch_size, len(loader))
+        n = precise_bn.batches_for(self.cfg.precise_bn, net, self.cfg.batch_size, len(loader),
+                                   compressed=self.compressed)
         if not n or (self.qat is not None and self.qat.frozen()["batchnorm"]):
             # Frozen statistics are what the network trains with: recomputing them would change that.
             return {}

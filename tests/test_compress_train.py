@@ -416,10 +416,10 @@ def test_init_from_a_missing_or_foreign_checkpoint_is_one_line(tmp_path, synthet
 
 @pytest.fixture(scope="module")
 def frozen_run(tmp_path_factory, synthetic_dir):
-    """Three epochs of W4/A8 min/max QAT pruned to 50%: observers frozen from epoch 2, BatchNorm
-    statistics from epoch 3."""
+    """Four epochs of W4/A8 min/max QAT pruned to 50% over epochs 1..3: observers frozen from epoch 2,
+    BatchNorm statistics from epoch 3."""
     save = tmp_path_factory.mktemp("frozen")
-    r = run_train(quick(synthetic_dir, save, "--epochs", 3, "--lr-regime", 1, 3, 0.05, "--prune", 0.5,
+    r = run_train(quick(synthetic_dir, save, "--epochs", 4, "--lr-regime", 1, 4, 0.05, "--prune", 0.5,
                         "--quant", 4, 8, "--quant-method", "minmax", "--qat-freeze-observers", 2,
                         "--qat-freeze-bn", 3, "--precise-bn", "off"))
     assert r["exit_code"] == 0
@@ -429,24 +429,29 @@ def frozen_run(tmp_path_factory, synthetic_dir):
 @pytest.mark.slow
 def test_observers_and_batchnorm_freeze_at_their_epochs_in_a_run(frozen_run):
     folder = frozen_run["folder"]
-    states = {e: checkpoint.load_file(os.path.join(folder, f"model_state_{e:02}.pytar")) for e in (1, 2, 3)}
+    states = {e: checkpoint.load_file(os.path.join(folder, f"model_state_{e:02}.pytar")) for e in (1, 2, 3, 4)}
     log = open(os.path.join(folder, "log.txt")).read()
     assert "epoch 2: QAT froze the input observers" in log and "epoch 3: QAT froze the BatchNorm statistics" in log
     assert "freezing observers from epoch 2, BatchNorm statistics from epoch 3" in log
+    # Frozen at epoch 3 after that epoch's pruning step: first recomputed for the pruned weights, once.
+    assert log.count("frozen BatchNorm statistics recomputed") == 1
+    assert "epoch 3: frozen BatchNorm statistics recomputed from 96 training images" in log
 
     def ranges(e):
         return {n: (float(x["act_min"]), float(x["act_max"])) for n, x in states[e]["compression"]["layers"].items()
                 if x.get("act_min") is not None}
 
     # Observed through epoch 1, then frozen: the ranges at the end of epochs 1, 2 and 3 are one.
-    assert ranges(1) == ranges(2) == ranges(3)
-    # BatchNorm statistics moved in epochs 1 and 2 and stood still in epoch 3, while the weights trained.
+    assert ranges(1) == ranges(2) == ranges(3) == ranges(4)
+    # BatchNorm statistics moved in epochs 1 and 2, were recomputed at the freeze, and stood still in
+    # epoch 4 (no pruning step), while the weights trained.
     stats = {e: {k: v for k, v in weights_of(states[e]).items() if k.endswith(("running_mean", "running_var"))}
              for e in states}
     assert any(not torch.equal(stats[1][k], stats[2][k]) for k in stats[1])
-    assert all(torch.equal(stats[2][k], stats[3][k]) for k in stats[2])
-    w2, w3 = weights_of(states[2]), weights_of(states[3])
-    assert any(not torch.equal(w2[k], w3[k]) for k in w2 if k.endswith(".weight"))
+    assert any(not torch.equal(stats[2][k], stats[3][k]) for k in stats[2])
+    assert all(torch.equal(stats[3][k], stats[4][k]) for k in stats[3])
+    w3, w4 = weights_of(states[3]), weights_of(states[4])
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3 if k.endswith(".weight"))
     last = checkpoint.load_file(os.path.join(folder, "last.pytar"))
     assert last["qat"]["observers_frozen"] and last["qat"]["batchnorm_frozen"]
     assert last["compression"]["qat"]["observers_epoch"] == 2
