@@ -4,7 +4,7 @@ at 75% sparsity with W4/A4 weights and inputs (8-bit first and last layers), the
 lost the fewest points against the dense fine-tune of every combination measured.
 """
 # The pruning scope (compress.prune.SCOPES).
-DEFAULT_SCOPE = "global-bn"
+DEFAULT_SCOPE = "global-lamp"
 # The quantiser (compress.quant.METHODS).
 DEFAULT_METHOD = "lsq"
 # The epochs from which QAT's input observers and BatchNorm statistics are frozen (compress.qat):

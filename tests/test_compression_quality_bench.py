@@ -56,3 +56,23 @@ def test_rows_cover_the_issue_and_fill_the_run_defaults():
     front = cq.pareto([{"name": "a", "score": 1.0, "top1": 50.0}, {"name": "b", "score": 0.5, "top1": 40.0},
                        {"name": "c", "score": 0.6, "top1": 30.0}, {"name": "d", "score": 0.4, "top1": 45.0}])
     assert front == ["d", "a"]
+
+
+def test_the_defaults_are_the_benchmarks_best_recipe_at_75_percent_w4a4():
+    """compress/defaults.py says its defaults are the measured best: the committed full benchmark
+    (bench/results/compression-quality/) must agree. Among its rows at 75% sparsity with W4/A4, the
+    one with the run's default scope, quantiser and freeze epochs loses the fewest points against
+    the dense fine-tune, and no row has a layer past its limit or without weights."""
+    import compress
+    path = os.path.join(ROOT, "bench", "results", "compression-quality", "compression-quality.json")
+    result = json.load(open(path))
+    assert not result["quick"] and result["sizes"]["test_images"] == 10000
+    rows = result["rows"]
+    assert all(r["total"] == 10000 and not r["above_limit"] and not r["empty_layers"] for r in rows)
+    w4a4 = [r for r in rows if r["settings"].get("quant") == [4, 4] and r["settings"].get("prune") == 0.75]
+    best = max(w4a4, key=lambda r: r["top1"])
+    s = best["settings"]
+    assert (s["prune_scope"], s["quant_method"], s["qat_freeze_observers"], s["qat_freeze_bn"]) == \
+        (compress.DEFAULT_SCOPE, compress.DEFAULT_METHOD, compress.FREEZE_OBSERVERS_EPOCH or 0,
+         compress.FREEZE_BN_EPOCH or 0)
+    assert {r["name"] for r in rows} == set(cq.all_rows())
