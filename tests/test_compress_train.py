@@ -352,7 +352,9 @@ def test_chain_adds_a_compression_stage_to_a_finished_chain(tmp_path, synthetic_
                                rules="micronet", compression=record).score()
     assert final["score"] == pytest.approx(counted["score"], rel=1e-9) and final["score_rules"] == "micronet"
     assert not counted["freebie_allowed"] and "no 16-bit freebie" in final["score_rule"]
-    assert re.search(r"compressed: W8/A8 x\d+; \d+ masked layers, 50\.0% of their weights pruned", text)
+    # The defaults: learned steps, and the stem and head left dense.
+    assert re.search(r"compressed: W8/A8 x\d+ \(learned steps x\d+\); \d+ masked layers( \(of \d+ pruned\))?, "
+                     r"50\.0% of their weights pruned", text), text
     # Run again: both stages are finished.
     with contextlib.redirect_stdout(io.StringIO()) as again:
         assert chain.main([*argv, "--prune", "0.5", "--quant", "8", "8", "--compress-epochs", "2"]) == 0
