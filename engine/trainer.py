@@ -158,7 +158,7 @@ class Trainer:
                 self.report_teacher(teacher_forward, test_loader, autocast)
             self.test_images = test_loader.stop - test_loader.start
             self.precise_batches = precise_bn.batches_for(cfg.precise_bn, net, cfg.batch_size, len(train_loader),
-                                                          compression.is_compressed(net, pruner))
+                                                          self.compressed)
             if self.agreed_stop():
                 return self.stopped()
             if ctx.device.type == "cpu":  # a CPU step can take minutes: an estimate now, measured later
